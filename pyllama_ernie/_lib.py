@@ -1,0 +1,142 @@
+"""Loads the compiled cffi module once, initialises llama.cpp, routes its logs.
+
+llama.cpp and mtmd log through one callback into the ``pyllama_ernie`` logger.
+By default that logger shows WARNING and above; ``set_log_level`` changes it.
+The process's stdout and stderr are never redirected.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Optional, Union
+
+from . import errors
+
+try:
+    from ._cffi import ffi, lib
+except ImportError as e:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        "pyllama_ernie's compiled module is missing: the package was not built. "
+        "Install it with `pip install .` from a source checkout (this compiles llama.cpp), "
+        f"not by putting the source folder on sys.path. ({e})"
+    ) from e
+
+__all__ = ["ffi", "lib", "logger", "set_log_level", "ensure_init", "ProgressHandle", "abort_flag_callback"]
+
+logger = logging.getLogger("pyllama_ernie")
+if logger.level == logging.NOTSET:
+    logger.setLevel(logging.WARNING)
+
+_LEVELS = {
+    lib.GGML_LOG_LEVEL_DEBUG: logging.DEBUG,
+    lib.GGML_LOG_LEVEL_INFO: logging.INFO,
+    lib.GGML_LOG_LEVEL_WARN: logging.WARNING,
+    lib.GGML_LOG_LEVEL_ERROR: logging.ERROR,
+    lib.GGML_LOG_LEVEL_NONE: logging.INFO,
+}
+
+
+def set_log_level(level: Union[int, str]) -> None:
+    """Set the level of the ``pyllama_ernie`` logger (e.g. ``"INFO"`` to see llama.cpp's load log)."""
+    logger.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+class _LineBuffer(threading.local):
+    """llama.cpp logs partial lines (GGML_LOG_LEVEL_CONT); join them per thread."""
+
+    def __init__(self) -> None:
+        self.level = logging.INFO
+        self.parts: list = []
+
+
+_buf = _LineBuffer()
+
+
+def _emit(level: int, line: str) -> None:
+    if level >= logging.WARNING:
+        errors.note_log_line(line.strip())
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s", line.rstrip())
+
+
+@ffi.def_extern()
+def _pyllama_ernie_log(level: int, text: Any, user_data: Any) -> None:
+    s = ffi.string(text).decode("utf-8", "replace")
+    if level != lib.GGML_LOG_LEVEL_CONT:
+        if _buf.parts:
+            _emit(_buf.level, "".join(_buf.parts))
+            _buf.parts = []
+        _buf.level = _LEVELS.get(level, logging.INFO)
+    while "\n" in s:
+        head, s = s.split("\n", 1)
+        _buf.parts.append(head)
+        line = "".join(_buf.parts)
+        _buf.parts = []
+        if line.strip():
+            _emit(_buf.level, line)
+    if s:
+        _buf.parts.append(s)
+
+
+class ProgressHandle:
+    """Carries a Python progress callable through llama.cpp's ``void *`` user data.
+
+    The callable gets a float in [0, 1] and may return False to cancel. An
+    exception inside it also cancels, and is re-raised by ``reraise()``.
+    """
+
+    def __init__(self, fn: Callable[[float], Optional[bool]]) -> None:
+        self.fn = fn
+        self.error: Optional[BaseException] = None
+        self.cancelled = False
+        self.handle = ffi.new_handle(self)
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def _progress_onerror(exc: type, value: BaseException, tb: Any) -> bool:
+    return False
+
+
+@ffi.def_extern(onerror=_progress_onerror)
+def _pyllama_ernie_progress(progress: float, user_data: Any) -> bool:
+    ph: ProgressHandle = ffi.from_handle(user_data)
+    try:
+        ok = ph.fn(float(progress))
+    except BaseException as e:  # keep it for the caller; cancel the load
+        ph.error = e
+        ph.cancelled = True
+        return False
+    if ok is False:
+        ph.cancelled = True
+        return False
+    return True
+
+
+abort_flag_callback = ffi.addressof(lib, "pyllama_ernie_abort_flag")
+
+_init_lock = threading.Lock()
+_initialised = False
+
+
+def ensure_init() -> None:
+    """Initialise the llama.cpp backend and logging once per process."""
+    global _initialised
+    if _initialised:
+        return
+    with _init_lock:
+        if _initialised:
+            return
+        lib.llama_log_set(lib._pyllama_ernie_log, ffi.NULL)
+        lib.mtmd_log_set(lib._pyllama_ernie_log, ffi.NULL)
+        lib.mtmd_helper_log_set(lib._pyllama_ernie_log, ffi.NULL)
+        lib.llama_backend_init()
+        _initialised = True
+
+
+def c_str(p: Any) -> str:
+    """A C string (or NULL) as a Python str."""
+    return "" if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")

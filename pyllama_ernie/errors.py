@@ -1,0 +1,115 @@
+"""The exception hierarchy, and the one place C results become exceptions.
+
+Every exception carries ``llama_log``: the last warning or error line that
+llama.cpp (or mtmd) logged before the failure, which usually says why.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import NoReturn, Optional
+
+__all__ = [
+    "ErnieError",
+    "ModelLoadError",
+    "InvalidModelFileError",
+    "ContextError",
+    "ClosedError",
+    "BusyError",
+    "DecodeError",
+    "PromptTooLongError",
+    "TokenizeError",
+    "QuantizeError",
+    "raise_error",
+]
+
+
+class ErnieError(Exception):
+    """Base class of every error raised by pyllama_ernie."""
+
+    def __init__(self, message: str, *, llama_log: Optional[str] = None) -> None:
+        self.llama_log = llama_log if llama_log is not None else last_log_line()
+        full = message
+        if self.llama_log and self.llama_log not in message:
+            full = f"{message} (llama.cpp: {self.llama_log})"
+        super().__init__(full)
+        self.message = message
+
+
+class ModelLoadError(ErnieError, OSError):
+    """The model (or projector) file could not be loaded."""
+
+
+class InvalidModelFileError(ModelLoadError, ValueError):
+    """The file is not a GGUF file llama.cpp can read; refused before it reached C."""
+
+
+class ContextError(ErnieError):
+    """A llama.cpp context could not be created or used."""
+
+
+class ClosedError(ContextError, ValueError):
+    """The object was closed; its C resources are gone."""
+
+
+class BusyError(ContextError):
+    """The context is in use by an unfinished call (e.g. an open stream) in this thread."""
+
+
+class DecodeError(ErnieError):
+    """``llama_decode`` failed. ``code`` is its return value."""
+
+    def __init__(self, message: str, *, code: int = 0, llama_log: Optional[str] = None) -> None:
+        super().__init__(message, llama_log=llama_log)
+        self.code = code
+
+
+class PromptTooLongError(DecodeError, ValueError):
+    """The input does not fit in the context window."""
+
+
+class TokenizeError(ErnieError, ValueError):
+    """Text could not be tokenized or tokens could not be turned into text."""
+
+
+class QuantizeError(ErnieError):
+    """``llama_model_quantize`` failed."""
+
+
+# --- llama.cpp's last warning/error line, fed by the log callback in _lib ---
+
+_last = threading.local()
+_last_global: list = [None]
+
+
+def note_log_line(line: str) -> None:
+    """Remember a warning/error line logged by llama.cpp (called by the log callback)."""
+    _last.line = line
+    _last_global[0] = line
+
+
+def last_log_line() -> Optional[str]:
+    """The last warning or error llama.cpp logged, preferring this thread's."""
+    return getattr(_last, "line", None) or _last_global[0]
+
+
+def clear_log_line() -> None:
+    """Forget the last line, so an error reports only what its own call logged."""
+    _last.line = None
+    _last_global[0] = None
+
+
+_DECODE_MEANING = {
+    1: "no room in the KV cache for the batch (the context is full)",
+    2: "aborted",
+    -1: "invalid input batch",
+}
+
+
+def raise_error(kind: type, what: str, code: Optional[int] = None) -> NoReturn:
+    """Raise ``kind`` for a failed C call ``what`` that returned ``code``."""
+    if kind is DecodeError or (isinstance(kind, type) and issubclass(kind, DecodeError)):
+        meaning = _DECODE_MEANING.get(code if code is not None else 0, "fatal error")
+        raise kind(f"{what} failed with code {code}: {meaning}", code=code or 0)
+    suffix = f" (code {code})" if code is not None else ""
+    raise kind(f"{what} failed{suffix}")
