@@ -1,0 +1,501 @@
+"""Context: owns one ``llama_context``, its batch and the decode loop.
+
+A Context evaluates token sequences and generates from them. It remembers which
+tokens sit in its KV cache, so a call whose prompt starts with the previous
+call's tokens evaluates only the new part.
+
+Thread policy: a Context serialises its calls with a lock, so two threads may
+share one (they take turns). Using a Context again from the thread that holds an
+unfinished stream raises BusyError instead of corrupting the stream.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import errors
+from ._lib import abort_flag_callback, ffi, lib
+from .errors import BusyError, ClosedError, ContextError, DecodeError, PromptTooLongError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import Model
+
+__all__ = ["Context", "Completion", "Timings", "SamplingParams", "default_threads"]
+
+_KV_TYPES = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16, "bf16": lib.GGML_TYPE_BF16, "q8_0": lib.GGML_TYPE_Q8_0}
+
+
+def default_threads() -> int:
+    """Physical cores available to this process (llama.cpp's own default is similar)."""
+    try:
+        n_avail = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n_avail = os.cpu_count() or 1
+    cores = set()
+    try:
+        phys = core = None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                elif not line.strip() and core is not None:
+                    cores.add((phys, core))
+                    phys = core = None
+    except OSError:
+        pass
+    return max(1, min(n_avail, len(cores) or n_avail))
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Wall-clock timings of one call, in milliseconds."""
+
+    prompt_ms: float
+    generation_ms: float
+    prompt_tokens: int
+    generated_tokens: int
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.prompt_tokens / (self.prompt_ms / 1e3) if self.prompt_ms > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / (self.generation_ms / 1e3) if self.generation_ms > 0 else 0.0
+
+
+@dataclass
+class Completion:
+    """The result of :meth:`Model.generate`."""
+
+    text: str
+    tokens: List[int]
+    finish_reason: str  # "stop" (end-of-generation token or stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    #: prompt tokens actually evaluated (the rest came from the KV cache)
+    prompt_tokens_evaluated: int
+    timings: Timings
+    #: the stop string that ended generation, if any
+    stop: Optional[str] = field(default=None)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings. ``temperature <= 0`` means greedy (argmax)."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    seed: Optional[int] = None
+
+    def validate(self) -> None:
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 disables it)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError("min_p must be in [0, 1]")
+        if self.repeat_penalty <= 0:
+            raise ValueError("repeat_penalty must be > 0 (1.0 disables it)")
+        if self.seed is not None and not 0 <= self.seed < 2**32 - 1:
+            raise ValueError("seed must be in [0, 2**32 - 2]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0 and self.repeat_penalty == 1.0
+
+
+class _Sampler:
+    """Owns one llama.cpp sampler chain."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int, banned: Sequence[int] = ()) -> None:
+        cp = lib.llama_sampler_chain_default_params()
+        cp.no_perf = True
+        chain = lib.llama_sampler_chain_init(cp)
+        if chain == ffi.NULL:
+            errors.raise_error(ContextError, "llama_sampler_chain_init")
+        self._ptr = chain
+        add = lambda s: lib.llama_sampler_chain_add(chain, s)  # noqa: E731 - the chain owns each stage
+        if banned:
+            biases = ffi.new("llama_logit_bias[]", [(t, float("-inf")) for t in banned])
+            add(lib.llama_sampler_init_logit_bias(n_vocab, len(banned), biases))
+        if params.repeat_penalty != 1.0:
+            add(lib.llama_sampler_init_penalties(n_vocab, params.repeat_last_n, params.repeat_penalty, 0.0, 0.0))
+        if params.temperature <= 0:
+            add(lib.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            add(lib.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            add(lib.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            add(lib.llama_sampler_init_min_p(params.min_p, 1))
+        add(lib.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little") % (2**32 - 1)
+        add(lib.llama_sampler_init_dist(seed))
+
+    def accept(self, token: int) -> None:
+        lib.llama_sampler_accept(self._ptr, token)
+
+    def sample(self, ctx: Any) -> int:
+        return lib.llama_sampler_sample(self._ptr, ctx, -1)
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            lib.llama_sampler_free(self._ptr)
+            self._ptr = None
+
+
+class Context:
+    """One llama.cpp inference context over a :class:`~pyllama_ernie.Model`.
+
+    Usually created for you by :class:`Model`; create more with
+    :meth:`Model.context` to run several conversations at once.
+    """
+
+    def __init__(
+        self,
+        model: "Model",
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_ubatch: Optional[int] = None,
+        n_threads: Optional[int] = None,
+        n_threads_batch: Optional[int] = None,
+        flash_attn: Optional[bool] = None,
+        kv_cache_type: str = "f16",
+    ) -> None:
+        self._ptr = None
+        self._batch = None
+        self.model = model
+        model_ptr = model._handle()
+        if n_ctx < 0 or n_batch <= 0:
+            raise ValueError("n_ctx must be >= 0 (0 = the model's training context) and n_batch > 0")
+        if kv_cache_type not in _KV_TYPES:
+            raise ValueError(f"kv_cache_type must be one of {sorted(_KV_TYPES)}")
+        threads = n_threads if n_threads else default_threads()
+        p = lib.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = min(n_ubatch or n_batch, n_batch)
+        p.n_seq_max = 1
+        p.n_threads = threads
+        p.n_threads_batch = n_threads_batch or threads
+        p.flash_attn_type = (
+            lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None
+            else lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+            else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        p.type_k = p.type_v = _KV_TYPES[kv_cache_type]
+        p.no_perf = False
+        self._abort = ffi.new("int *", 0)
+        p.abort_callback = abort_flag_callback
+        p.abort_callback_data = self._abort
+        errors.clear_log_line()
+        ptr = lib.llama_init_from_model(model_ptr, p)
+        if ptr == ffi.NULL:
+            errors.raise_error(ContextError, "llama_init_from_model")
+        self._ptr = ptr
+        self.n_ctx = int(lib.llama_n_ctx(ptr))
+        self.n_batch = int(lib.llama_n_batch(ptr))
+        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        b = self._batch
+        for i in range(self.n_batch):
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+        self._mem = lib.llama_get_memory(ptr)
+        self._n_vocab = model.n_vocab
+        self._tokens: List[int] = []  # what the KV cache holds, position i = token i
+        self._lock = threading.Lock()
+        self._owner: Optional[int] = None
+        model._register(self)
+
+    # --- lifetime -------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the llama.cpp context. Safe to call twice."""
+        if self._batch is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ptr is not None:
+            lib.llama_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def _check(self) -> Any:
+        if self._ptr is None:
+            raise ClosedError("the context is closed")
+        return self._ptr
+
+    class _Using:
+        __slots__ = ("ctx",)
+
+        def __init__(self, ctx: "Context") -> None:
+            self.ctx = ctx
+
+        def __enter__(self) -> None:
+            ctx = self.ctx
+            me = threading.get_ident()
+            if ctx._owner == me:
+                raise BusyError("this context is busy with an unfinished call in this thread "
+                                "(finish or close the open stream first)")
+            ctx._lock.acquire()
+            ctx._owner = me
+            if ctx._ptr is None:
+                ctx._owner = None
+                ctx._lock.release()
+                raise ClosedError("the context is closed")
+
+        def __exit__(self, *exc: Any) -> None:
+            self.ctx._owner = None
+            self.ctx._lock.release()
+
+    def _using(self) -> "_Using":
+        return Context._Using(self)
+
+    # --- cancellation ----------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop the running decode (from any thread) at the next graph node."""
+        self._abort[0] = 1
+
+    # --- evaluation ------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the KV cache."""
+        with self._using():
+            lib.llama_memory_clear(self._mem, True)
+            self._tokens = []
+
+    def _decode(self, tokens: Sequence[int], start_pos: int, logits_out: Optional[List[np.ndarray]] = None) -> None:
+        """Decode ``tokens`` at positions ``start_pos...`` in batches of n_batch.
+
+        With ``logits_out`` every position's logits are appended to it (one array
+        per batch); otherwise only the last token's logits are computed.
+        """
+        ctx, b, n_batch, n_vocab = self._ptr, self._batch, self.n_batch, self._n_vocab
+        all_logits = logits_out is not None
+        n = len(tokens)
+        i = 0
+        while i < n:
+            m = min(n_batch, n - i)
+            for j in range(m):
+                b.token[j] = tokens[i + j]
+                b.pos[j] = start_pos + i + j
+                b.logits[j] = all_logits
+            b.logits[m - 1] = all_logits or i + m == n
+            b.n_tokens = m
+            rc = lib.llama_decode(ctx, b)
+            if rc != 0:
+                self._decode_failed(rc)
+            self._tokens.extend(tokens[i:i + m])
+            if all_logits:
+                ptr = lib.llama_get_logits(ctx)
+                arr = np.frombuffer(ffi.buffer(ptr, m * n_vocab * 4), dtype=np.float32)
+                logits_out.append(arr.reshape(m, n_vocab).copy())
+            i += m
+
+    def _decode_failed(self, rc: int) -> None:
+        self._after_failed_decode()
+        if rc == 2 or self._abort[0]:
+            self._abort[0] = 0
+            raise DecodeError("decoding was cancelled", code=rc)
+        errors.raise_error(DecodeError, "llama_decode", rc)
+
+    def _after_failed_decode(self) -> None:
+        # Failed or aborted batches may leave part of themselves in the cache:
+        # trust the cache only up to what llama.cpp reports.
+        pos_max = int(lib.llama_memory_seq_pos_max(self._mem, 0))
+        keep = max(0, min(len(self._tokens), pos_max + 1))
+        lib.llama_memory_seq_rm(self._mem, 0, keep, -1)
+        del self._tokens[keep:]
+
+    def _prepare(self, tokens: Sequence[int], reserve: int = 0) -> int:
+        """Keep the cached prefix shared with ``tokens``; return how many are cached."""
+        if not tokens:
+            raise ValueError("the prompt is empty")
+        if len(tokens) + reserve > self.n_ctx:
+            raise PromptTooLongError(
+                f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx}"
+                + (f" and {reserve} more are needed" if reserve else "")
+                + " (create the Model with a larger n_ctx)"
+            )
+        n = 0
+        cached = self._tokens
+        for a, b in zip(cached, tokens):
+            if a != b:
+                break
+            n += 1
+        if n == len(tokens):
+            n -= 1  # the last token must be evaluated again to get its logits
+        if n < len(cached):
+            if not lib.llama_memory_seq_rm(self._mem, 0, n, -1):
+                lib.llama_memory_clear(self._mem, True)
+                n = 0
+            del cached[n:]
+        return n
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits at every position of ``tokens``: float32 array ``(len(tokens), n_vocab)``."""
+        with self._using():
+            tokens = list(tokens)
+            if not tokens:
+                raise ValueError("the prompt is empty")
+            if len(tokens) > self.n_ctx:
+                raise PromptTooLongError(f"{len(tokens)} tokens do not fit in a context of {self.n_ctx}")
+            lib.llama_memory_clear(self._mem, True)
+            self._tokens = []
+            self._abort[0] = 0
+            chunks: List[np.ndarray] = []
+            self._decode(tokens, 0, chunks)
+            return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
+
+    def generate_tokens(
+        self,
+        tokens: Sequence[int],
+        *,
+        max_tokens: int,
+        sampling: SamplingParams,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+    ) -> Iterator[Union[str, Completion]]:
+        """The decode loop: yields text pieces, then one final :class:`Completion`.
+
+        Pieces never split a UTF-8 character and never contain (part of) a stop string.
+        With ``ignore_eos`` end-of-generation tokens are never sampled.
+        """
+        if max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        sampling.validate()
+        stop = [s for s in stop if s]
+        with self._using():
+            tokens = list(tokens)
+            t0 = time.perf_counter()
+            n_cached = self._prepare(tokens)
+            self._abort[0] = 0
+            self._decode(tokens[n_cached:], n_cached)
+            t1 = time.perf_counter()
+            prompt_ms = (t1 - t0) * 1e3
+
+            ctx, b, vocab = self._ptr, self._batch, self.model._vocab
+            n_vocab = self._n_vocab
+            banned = self.model.eog_tokens if ignore_eos else ()
+            banned_idx = np.array(banned, dtype=np.int64)
+            sampler = None if sampling.greedy else _Sampler(sampling, n_vocab, banned)
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            piece_buf = ffi.new("char[]", 256)
+            out_tokens: List[int] = []
+            text_parts: List[str] = []
+            held = ""  # text not yet emitted because it may begin a stop string
+            hold = max((len(s) for s in stop), default=1) - 1
+            finish = "length"
+            stop_hit: Optional[str] = None
+            pos = len(self._tokens)
+            try:
+                if sampler is not None:
+                    for t in tokens:
+                        sampler.accept(t)
+                for _ in range(max_tokens):
+                    if pos >= self.n_ctx:
+                        break
+                    if sampler is None:
+                        row = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, -1), n_vocab * 4), dtype=np.float32)
+                        if banned:
+                            row = row.copy()
+                            row[banned_idx] = -np.inf
+                        tok = int(row.argmax())
+                    else:
+                        tok = sampler.sample(ctx)
+                    if lib.llama_vocab_is_eog(vocab, tok):
+                        finish = "stop"
+                        break
+                    out_tokens.append(tok)
+                    n = lib.llama_token_to_piece(vocab, tok, piece_buf, 256, 0, False)
+                    if n < 0:
+                        big = ffi.new("char[]", -n)
+                        n = lib.llama_token_to_piece(vocab, tok, big, -n, 0, False)
+                        piece = decoder.decode(ffi.unpack(big, n))
+                    else:
+                        piece = decoder.decode(ffi.unpack(piece_buf, n))
+                    if piece:
+                        held += piece
+                        if stop:
+                            cut = _find_stop(held, stop)
+                            if cut is not None:
+                                idx, stop_hit = cut
+                                if idx:
+                                    text_parts.append(held[:idx])
+                                    yield held[:idx]
+                                held = ""
+                                finish = "stop"
+                                break
+                        if len(held) > hold:
+                            emit, held = held[: len(held) - hold], held[len(held) - hold:]
+                            text_parts.append(emit)
+                            yield emit
+                    # feed the token back
+                    b.token[0] = tok
+                    b.pos[0] = pos
+                    b.logits[0] = 1
+                    b.n_tokens = 1
+                    rc = lib.llama_decode(ctx, b)
+                    if rc != 0:
+                        self._decode_failed(rc)
+                    self._tokens.append(tok)
+                    pos += 1
+                if stop_hit is None:
+                    held += decoder.decode(b"", final=True)
+                    if held:
+                        text_parts.append(held)
+                        yield held
+            finally:
+                if sampler is not None:
+                    sampler.close()
+            t2 = time.perf_counter()
+            yield Completion(
+                text="".join(text_parts),
+                tokens=out_tokens,
+                finish_reason=finish,
+                prompt_tokens=len(tokens),
+                completion_tokens=len(out_tokens),
+                prompt_tokens_evaluated=len(tokens) - n_cached,
+                timings=Timings(prompt_ms, (t2 - t1) * 1e3, len(tokens) - n_cached, len(out_tokens)),
+                stop=stop_hit,
+            )
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> Optional[tuple]:
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    return best

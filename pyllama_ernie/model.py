@@ -1,0 +1,434 @@
+"""Model: owns one ``llama_model``; tokenization, logits and generation.
+
+>>> with Model("ernie-4.5-0.3b.gguf") as m:
+...     print(m.generate("The capital of France is", max_tokens=16, temperature=0).text)
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _lib, errors
+from ._lib import ffi, lib
+from .context import Completion, Context, SamplingParams
+from .errors import ClosedError, InvalidModelFileError, ModelLoadError, TokenizeError
+
+__all__ = ["Model", "Prompt"]
+
+Prompt = Union[str, Sequence[int]]
+PathLike = Union[str, "os.PathLike[str]"]
+
+_GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: PathLike) -> Path:
+    """Refuse, with a clear error, what is obviously not a GGUF file llama.cpp can read."""
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"no such model file: {p}")
+    if not p.is_file():
+        raise InvalidModelFileError(f"{p} is not a file", llama_log="")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {p}: {e}", llama_log="") from e
+    if len(head) < 24 or head[:4] != _GGUF_MAGIC:
+        raise InvalidModelFileError(f"{p} is not a GGUF file (bad magic or too short)", llama_log="")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise InvalidModelFileError(f"{p}: unsupported GGUF version {version}", llama_log="")
+    size = p.stat().st_size
+    # every tensor info and key/value pair takes at least a few bytes: a count
+    # larger than the file is a damaged header
+    if n_tensors > size // 8 or n_kv > size // 8:
+        raise InvalidModelFileError(f"{p}: damaged GGUF header ({n_tensors} tensors, {n_kv} keys)", llama_log="")
+    return p
+
+
+class Model:
+    """An ERNIE 4.5 model loaded from a GGUF file.
+
+    Args:
+        model_path: the ``.gguf`` file.
+        n_ctx: context window in tokens (0 = the model's training length).
+        n_batch: tokens per ``llama_decode`` call while evaluating a prompt.
+        n_ubatch: physical batch size (default: ``n_batch``).
+        n_threads: CPU threads (default: the physical cores available).
+        n_gpu_layers: layers to offload to a GPU (-1 = all; needs a GPU build).
+        seed: default seed for sampling (None = random each call).
+        flash_attn: True/False to force, None to let llama.cpp decide.
+        kv_cache_type: "f16" (default), "f32", "bf16" or "q8_0".
+        use_mmap: map the file instead of reading it.
+        progress: ``callable(fraction) -> bool | None`` called while loading;
+            returning False cancels the load (ModelLoadError).
+
+    The model is freed by :meth:`close`, by leaving a ``with`` block, or at
+    garbage collection. Use after close raises :class:`ClosedError`.
+    """
+
+    def __init__(
+        self,
+        model_path: PathLike,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_ubatch: Optional[int] = None,
+        n_threads: Optional[int] = None,
+        n_gpu_layers: int = 0,
+        seed: Optional[int] = None,
+        flash_attn: Optional[bool] = None,
+        kv_cache_type: str = "f16",
+        use_mmap: bool = True,
+        progress: Optional[Callable[[float], Optional[bool]]] = None,
+    ) -> None:
+        self._ptr = None
+        self._contexts: "weakref.WeakSet[Context]" = weakref.WeakSet()
+        self._default_ctx: Optional[Context] = None
+        self._eog: Optional[List[int]] = None
+        self.path = check_gguf_file(model_path)
+        self.seed = seed
+        _lib.ensure_init()
+
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
+        ph = None
+        if progress is not None:
+            ph = _lib.ProgressHandle(progress)
+            params.progress_callback = lib._pyllama_ernie_progress
+            params.progress_callback_user_data = ph.handle
+        errors.clear_log_line()
+        ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if ptr == ffi.NULL:
+            if ph is not None:
+                ph.reraise()
+                if ph.cancelled:
+                    raise ModelLoadError(f"loading {self.path} was cancelled by the progress callback", llama_log="")
+            errors.raise_error(ModelLoadError, f"loading {self.path}")
+        self._ptr = ptr
+        self._vocab = lib.llama_model_get_vocab(ptr)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        self._ctx_args: Dict[str, Any] = dict(
+            n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
+            flash_attn=flash_attn, kv_cache_type=kv_cache_type,
+        )
+        try:
+            self._default_ctx = Context(self, **self._ctx_args)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- lifetime -------------------------------------------------------
+
+    def _handle(self) -> Any:
+        if self._ptr is None:
+            raise ClosedError("the model is closed")
+        return self._ptr
+
+    def _register(self, ctx: Context) -> None:
+        self._contexts.add(ctx)
+
+    def close(self) -> None:
+        """Free the model and every context made from it. Safe to call twice."""
+        for ctx in list(self._contexts):
+            ctx.close()
+        self._default_ctx = None
+        if self._ptr is not None:
+            lib.llama_model_free(self._ptr)
+            self._ptr = None
+            self._vocab = None
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self._ptr is None else self.description
+        return f"<pyllama_ernie.Model {self.path.name!r} {state}>"
+
+    def context(self, **overrides: Any) -> Context:
+        """A new, independent context (its own KV cache) over this model.
+
+        Takes the same context arguments as :class:`Model` (n_ctx, n_batch, ...).
+        Close it when done, or let the model close it.
+        """
+        self._handle()
+        args = dict(self._ctx_args)
+        args.update(overrides)
+        return Context(self, **args)
+
+    @property
+    def ctx(self) -> Context:
+        """The default context used by :meth:`logits`, :meth:`generate` and :meth:`stream`."""
+        self._handle()
+        assert self._default_ctx is not None
+        return self._default_ctx
+
+    # --- metadata -------------------------------------------------------
+
+    @property
+    def description(self) -> str:
+        buf = ffi.new("char[]", 256)
+        lib.llama_model_desc(self._handle(), buf, 256)
+        return ffi.string(buf).decode("utf-8", "replace")
+
+    @property
+    def n_ctx_train(self) -> int:
+        return int(lib.llama_model_n_ctx_train(self._handle()))
+
+    @property
+    def n_embd(self) -> int:
+        return int(lib.llama_model_n_embd(self._handle()))
+
+    @property
+    def n_layer(self) -> int:
+        return int(lib.llama_model_n_layer(self._handle()))
+
+    @property
+    def n_ctx(self) -> int:
+        return self.ctx.n_ctx
+
+    @property
+    def metadata(self) -> Dict[str, str]:
+        """The GGUF key/value metadata as strings (arrays are summarised by llama.cpp)."""
+        ptr = self._handle()
+        out: Dict[str, str] = {}
+        buf = ffi.new("char[]", 4096)
+        for i in range(lib.llama_model_meta_count(ptr)):
+            if lib.llama_model_meta_key_by_index(ptr, i, buf, 4096) < 0:
+                continue
+            key = ffi.string(buf).decode("utf-8", "replace")
+            n = lib.llama_model_meta_val_str_by_index(ptr, i, buf, 4096)
+            if n >= 4096:
+                big = ffi.new("char[]", n + 1)
+                lib.llama_model_meta_val_str_by_index(ptr, i, big, n + 1)
+                out[key] = ffi.string(big).decode("utf-8", "replace")
+            else:
+                out[key] = ffi.string(buf).decode("utf-8", "replace")
+        return out
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The chat template stored in the GGUF, if any."""
+        p = lib.llama_model_chat_template(self._handle(), ffi.NULL)
+        return None if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")
+
+    @property
+    def bos_token(self) -> int:
+        return int(lib.llama_vocab_bos(self._vocab_ptr()))
+
+    @property
+    def eos_token(self) -> int:
+        return int(lib.llama_vocab_eos(self._vocab_ptr()))
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether :meth:`tokenize` with ``add_special=True`` puts BOS first."""
+        return bool(lib.llama_vocab_get_add_bos(self._vocab_ptr()))
+
+    @property
+    def eog_tokens(self) -> List[int]:
+        """The end-of-generation token ids (EOS, EOT, ...)."""
+        if self._eog is None:
+            vocab = self._vocab_ptr()
+            self._eog = [t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(vocab, t)]
+        return self._eog
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends generation (EOS, EOT, ...)."""
+        return bool(lib.llama_vocab_is_eog(self._vocab_ptr(), token))
+
+    def _vocab_ptr(self) -> Any:
+        self._handle()
+        return self._vocab
+
+    # --- tokens ---------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> List[int]:
+        """Token ids of ``text``.
+
+        ``add_special`` adds BOS (and EOS) as the model's metadata asks;
+        ``parse_special`` turns the text of special tokens into their ids.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be str, not {type(text).__name__}")
+        vocab = self._vocab_ptr()
+        data = text.encode("utf-8")
+        if len(data) > 2**31 - 16:
+            raise TokenizeError("text is too long to tokenize", llama_log="")
+        cap = len(data) + 8
+        buf = ffi.new("llama_token[]", cap)
+        n = lib.llama_tokenize(vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            if n == -(2**31):
+                raise TokenizeError("tokenization overflowed", llama_log="")
+            cap = -n
+            buf = ffi.new("llama_token[]", cap)
+            n = lib.llama_tokenize(vocab, data, len(data), buf, cap, add_special, parse_special)
+            if n < 0:
+                raise TokenizeError("llama_tokenize failed", llama_log="")
+        return list(ffi.unpack(buf, n))
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = True) -> str:
+        """The text of ``tokens``; ``special=False`` leaves out special tokens' text."""
+        vocab = self._vocab_ptr()
+        toks = self._check_tokens(tokens)
+        arr = ffi.new("llama_token[]", toks)
+        cap = max(16, 8 * len(toks))
+        buf = ffi.new("char[]", cap)
+        n = lib.llama_detokenize(vocab, arr, len(toks), buf, cap, False, special)
+        if n < 0:
+            cap = -n
+            buf = ffi.new("char[]", cap)
+            n = lib.llama_detokenize(vocab, arr, len(toks), buf, cap, False, special)
+            if n < 0:
+                raise TokenizeError("llama_detokenize failed", llama_log="")
+        return ffi.unpack(buf, n).decode("utf-8", "replace")
+
+    def token_to_piece(self, token: int, *, special: bool = True) -> bytes:
+        """The bytes one token stands for (may be part of a UTF-8 character)."""
+        vocab = self._vocab_ptr()
+        self._check_tokens([token])
+        buf = ffi.new("char[]", 64)
+        n = lib.llama_token_to_piece(vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ffi.new("char[]", -n)
+            n = lib.llama_token_to_piece(vocab, token, buf, -n, 0, special)
+        return ffi.unpack(buf, n)
+
+    def _check_tokens(self, tokens: Sequence[int]) -> List[int]:
+        toks = [int(t) for t in tokens]
+        n_vocab = self.n_vocab
+        for t in toks:
+            if not 0 <= t < n_vocab:
+                raise TokenizeError(f"token id {t} is outside the vocabulary (0..{n_vocab - 1})", llama_log="")
+        return toks
+
+    def _prompt_tokens(self, prompt: Prompt) -> List[int]:
+        if isinstance(prompt, str):
+            toks = self.tokenize(prompt)
+        elif isinstance(prompt, (bytes, bytearray)):
+            raise TypeError("prompt must be str or a sequence of token ids, not bytes")
+        else:
+            toks = self._check_tokens(prompt)
+        if not toks:
+            raise ValueError("the prompt is empty")
+        return toks
+
+    # --- evaluation -----------------------------------------------------
+
+    def logits(self, prompt: Prompt) -> np.ndarray:
+        """Logits at every position of ``prompt`` (str, tokenized with BOS, or token ids).
+
+        Returns a float32 array of shape ``(n_tokens, n_vocab)``; row i scores
+        the token that follows position i.
+        """
+        return self.ctx.logits(self._prompt_tokens(prompt))
+
+    def _sampling(self, temperature: float, top_k: int, top_p: float, min_p: float,
+                  repeat_penalty: float, seed: Optional[int]) -> SamplingParams:
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repeat_penalty=repeat_penalty, seed=self.seed if seed is None else seed)
+        params.validate()
+        return params
+
+    def stream(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[str]:
+        """Generate from ``prompt``, yielding text pieces as they are produced.
+
+        Same arguments as :meth:`generate`. Pieces never split a UTF-8 character.
+        Arguments are checked (and the prompt tokenized) before the first piece.
+        """
+        gen = self._run(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
+                        ignore_eos)
+
+        def pieces() -> Iterator[str]:
+            for item in gen:
+                if isinstance(item, str):
+                    yield item
+
+        return pieces()
+
+    def generate(
+        self,
+        prompt: Prompt,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        ignore_eos: bool = False,
+    ) -> Completion:
+        """Generate a completion of ``prompt``.
+
+        Args:
+            prompt: text (tokenized with BOS) or token ids.
+            max_tokens: the most tokens to generate.
+            temperature: 0 for greedy decoding.
+            top_k, top_p, min_p: sampling filters (0, 1.0, 0.0 disable them).
+            repeat_penalty: penalty on recently seen tokens (1.0 = off).
+            seed: sampling seed (default: the model's ``seed``; None = random).
+            stop: strings that end generation; they are not included in the text.
+            ignore_eos: never produce end-of-generation tokens (benchmarks).
+
+        Generation also stops on the model's end-of-generation tokens and when
+        the context is full (``finish_reason == "length"``).
+        """
+        result: Optional[Completion] = None
+        for item in self._run(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
+                              ignore_eos):
+            if isinstance(item, Completion):
+                result = item
+        assert result is not None
+        return result
+
+    def _run(self, prompt: Prompt, max_tokens: int, temperature: float, top_k: int, top_p: float,
+             min_p: float, repeat_penalty: float, seed: Optional[int],
+             stop: Union[str, Sequence[str], None], ignore_eos: bool) -> Iterator[Union[str, Completion]]:
+        tokens = self._prompt_tokens(prompt)
+        params = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0")
+        ctx = self.ctx
+        if len(tokens) > ctx.n_ctx:
+            raise errors.PromptTooLongError(
+                f"the prompt has {len(tokens)} tokens; the context holds {ctx.n_ctx} "
+                "(create the Model with a larger n_ctx)", llama_log="")
+        return ctx.generate_tokens(tokens, max_tokens=max_tokens, sampling=params, stop=stops, ignore_eos=ignore_eos)

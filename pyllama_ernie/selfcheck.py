@@ -1,0 +1,199 @@
+"""``python -m pyllama_ernie selfcheck``: does this install compute the right numbers?
+
+For each supported architecture it writes a tiny random-weight GGUF (no torch,
+no download), runs it through the installed library on every compiled backend
+device, and compares the logits with an independent NumPy forward pass of the
+same weights. It also checks that greedy generation is deterministic and
+prints tokens/s.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, TextIO
+
+import numpy as np
+
+__all__ = ["run_selfcheck", "numpy_forward", "ARCHITECTURES"]
+
+ARCHITECTURES = ("ernie4_5", "ernie4_5-moe")
+#: max |ours - numpy| / max |numpy| allowed (f32 weights, f32 KV cache)
+TOLERANCE = 1e-3
+
+
+# --- an independent NumPy forward pass over the GGUF's f32 weights ---------
+
+def _rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+
+def _rope_norm(x: np.ndarray, pos: np.ndarray, base: float) -> np.ndarray:
+    """llama.cpp's NORM rope: rotate adjacent pairs (2i, 2i+1). x: [T, H, D]."""
+    d = x.shape[-1]
+    inv = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = pos[:, None].astype(np.float64) * inv[None, :]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def numpy_forward(gguf_path: Path, tokens: List[int]) -> np.ndarray:
+    """Logits ``[len(tokens), n_vocab]`` of an f32 ``ernie4_5``/``ernie4_5-moe`` GGUF, in float64."""
+    import gguf
+
+    r = gguf.GGUFReader(str(gguf_path))
+    arch = str(r.fields["general.architecture"].contents())
+
+    def kv(key: str, default: Optional[float] = None) -> float:
+        f = r.fields.get(f"{arch}.{key}")
+        if f is None:
+            if default is None:
+                raise KeyError(key)
+            return default
+        return f.contents()
+
+    W: Dict[str, np.ndarray] = {t.name: np.asarray(t.data, dtype=np.float64) for t in r.tensors}
+    n_layer = int(kv("block_count"))
+    n_head, n_head_kv = int(kv("attention.head_count")), int(kv("attention.head_count_kv"))
+    eps, base = float(kv("attention.layer_norm_rms_epsilon")), float(kv("rope.freq_base"))
+    n_dense = int(kv("leading_dense_block_count", 0))
+    step = int(kv("interleave_moe_layer_step", 1))
+    n_used = int(kv("expert_used_count", 0))
+
+    T = len(tokens)
+    pos = np.arange(T)
+    x = W["token_embd.weight"][tokens]
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        h = _rms_norm(x, W[p + "attn_norm.weight"], eps)
+        q = (h @ W[p + "attn_q.weight"].T).reshape(T, n_head, -1)
+        k = (h @ W[p + "attn_k.weight"].T).reshape(T, n_head_kv, -1)
+        v = (h @ W[p + "attn_v.weight"].T).reshape(T, n_head_kv, -1)
+        d = q.shape[-1]
+        q, k = _rope_norm(q, pos, base), _rope_norm(k, pos, base)
+        rep = n_head // n_head_kv
+        k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
+        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(d) + mask
+        att = np.exp(att - att.max(-1, keepdims=True))
+        att /= att.sum(-1, keepdims=True)
+        o = np.einsum("hts,shd->thd", att, v).reshape(T, -1)
+        x = x + o @ W[p + "attn_output.weight"].T
+
+        h = _rms_norm(x, W[p + "ffn_norm.weight"], eps)
+        is_moe = arch == "ernie4_5-moe" and il >= n_dense and (il + 1) % step == 0
+        if not is_moe:
+            ff = (_silu(h @ W[p + "ffn_gate.weight"].T) * (h @ W[p + "ffn_up.weight"].T)) @ W[p + "ffn_down.weight"].T
+        else:
+            logits = h @ W[p + "ffn_gate_inp.weight"].T
+            probs = np.exp(logits - logits.max(-1, keepdims=True))
+            probs /= probs.sum(-1, keepdims=True)
+            sel_score = probs + W.get(p + "exp_probs_b.bias", np.zeros(probs.shape[-1]))
+            ff = np.zeros_like(h)
+            for t in range(T):
+                idx = np.argsort(-sel_score[t], kind="stable")[:n_used]
+                w = probs[t, idx] / max(probs[t, idx].sum(), 1e-12)
+                for e, we in zip(idx, w):
+                    g = W[p + "ffn_gate_exps.weight"][e] @ h[t]
+                    u = W[p + "ffn_up_exps.weight"][e] @ h[t]
+                    ff[t] += we * (W[p + "ffn_down_exps.weight"][e] @ (_silu(g) * u))
+            if p + "ffn_gate_shexp.weight" in W:
+                ff += (_silu(h @ W[p + "ffn_gate_shexp.weight"].T) * (h @ W[p + "ffn_up_shexp.weight"].T)) \
+                    @ W[p + "ffn_down_shexp.weight"].T
+        x = x + ff
+    x = _rms_norm(x, W["output_norm.weight"], eps)
+    out = W.get("output.weight", W["token_embd.weight"])
+    return x @ out.T
+
+
+# --- the check --------------------------------------------------------------
+
+@dataclass
+class CheckResult:
+    arch: str
+    device: str
+    ok: bool
+    detail: str
+    tokens_per_second: float
+
+
+def _devices() -> List[tuple]:
+    from .system import devices
+
+    out = [("CPU", 0)]
+    for d in devices():
+        if d["type"] in ("gpu", "igpu"):
+            out.append((d["name"], -1))
+            break  # one GPU run covers the offload path
+    return out
+
+
+def check_one(path: Path, arch: str, device: str, n_gpu_layers: int) -> CheckResult:
+    from .model import Model
+
+    prompt = "Hello world, this is a selfcheck of ERNIE."
+    try:
+        # flash attention on the CPU works in f16 internally: off for an exact comparison
+        with Model(path, n_ctx=256, n_gpu_layers=n_gpu_layers, kv_cache_type="f32", flash_attn=False,
+                   seed=0) as m:
+            toks = m.tokenize(prompt)
+            ours = m.logits(toks).astype(np.float64)
+            ref = numpy_forward(path, toks)
+            err = float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-9))
+            a = m.generate(toks, max_tokens=32, temperature=0)
+            m.ctx.reset()
+            b = m.generate(toks, max_tokens=32, temperature=0)
+            m.ctx.reset()
+            t0 = time.perf_counter()
+            speed = m.generate(toks, max_tokens=32, temperature=0, ignore_eos=True)
+            dt = time.perf_counter() - t0
+    except Exception as e:  # report, do not crash: this is a diagnostic command
+        return CheckResult(arch, device, False, f"{type(e).__name__}: {e}", 0.0)
+    problems = []
+    if not np.isfinite(ours).all():
+        problems.append("non-finite logits")
+    if err > TOLERANCE:
+        problems.append(f"logits differ from NumPy by {err:.2e} (> {TOLERANCE:g})")
+    if a.tokens != b.tokens:
+        problems.append("greedy generation is not deterministic")
+    detail = "; ".join(problems) or f"logits rel. err {err:.1e}, greedy deterministic"
+    tps = speed.completion_tokens / dt if dt > 0 else 0.0
+    return CheckResult(arch, device, not problems, detail, tps)
+
+
+def run_selfcheck(verbose: bool = False, out: TextIO = sys.stdout,
+                  write_model: Optional[Callable[[str, Path], Path]] = None) -> bool:
+    """Run the self-check, print a table, return True when everything passed."""
+    from . import __version__
+    from .convert.synthetic import write_tiny_gguf
+    from .system import system_info
+
+    write = write_model or (lambda arch, p: write_tiny_gguf(arch, p, seed=0))
+    info = system_info()
+    print(f"pyllama_ernie {__version__}, llama.cpp {info['llama_cpp_commit'][:9]}, "
+          f"patches: {len(info['patches'])}, backends: {', '.join(info['backends'])}", file=out)
+    if verbose:
+        print(f"  {info['llama_system_info']}", file=out)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="pyllama_ernie-selfcheck-") as tmp:
+        for arch in ARCHITECTURES:
+            path = write(arch, Path(tmp) / f"{arch}.gguf")
+            for device, ngl in _devices():
+                res = check_one(path, arch, device, ngl)
+                results.append(res)
+                status = "PASS" if res.ok else "FAIL"
+                print(f"{status}  {arch:14s} {device:8s} {res.tokens_per_second:8.1f} tok/s  {res.detail}", file=out)
+    ok = all(r.ok for r in results)
+    print("selfcheck passed" if ok else "selfcheck FAILED", file=out)
+    return ok

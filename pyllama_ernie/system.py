@@ -1,0 +1,79 @@
+"""What this build of pyllama_ernie is made of, and what it runs on."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from . import _lib
+from ._lib import c_str, ffi, lib
+
+__all__ = ["system_info", "backends"]
+
+_DEV_TYPES = {
+    lib.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu",
+    lib.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+    lib.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu",
+    lib.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel",
+}
+
+
+def backends() -> List[str]:
+    """Names of the compiled (registered) ggml backends, e.g. ``["CPU"]`` or ``["CUDA", "CPU"]``."""
+    _lib.ensure_init()
+    return [c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))) for i in range(lib.ggml_backend_reg_count())]
+
+
+def devices() -> List[Dict[str, Any]]:
+    """The devices ggml can run on, with their memory."""
+    _lib.ensure_init()
+    out = []
+    free, total = ffi.new("size_t *"), ffi.new("size_t *")
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        lib.ggml_backend_dev_memory(dev, free, total)
+        out.append({
+            "name": c_str(lib.ggml_backend_dev_name(dev)),
+            "description": c_str(lib.ggml_backend_dev_description(dev)),
+            "type": _DEV_TYPES.get(lib.ggml_backend_dev_type(dev), "other"),
+            "memory_free": int(free[0]),
+            "memory_total": int(total[0]),
+        })
+    return out
+
+
+def system_info() -> Dict[str, Any]:
+    """A dictionary describing this build: versions, llama.cpp base, patches, backends, CPU features."""
+    from . import __version__
+    from . import _build_info as bi
+
+    _lib.ensure_init()
+    raw = c_str(lib.llama_print_system_info())
+    # "CPU : SSE3 = 1 | AVX2 = 1 | ... | CUDA : ARCHS = 900 | ..."
+    features: Dict[str, Dict[str, str]] = {}
+    current = ""
+    for section in raw.split("|"):
+        if ":" in section:
+            current, _, section = section.partition(":")
+            current = current.strip()
+        key, eq, val = section.partition("=")
+        if eq and key.strip():
+            features.setdefault(current, {})[key.strip()] = val.strip()
+    vendor = bi.VENDOR or {}
+    return {
+        "version": __version__,
+        "llama_cpp_commit": vendor.get("base_commit", "unknown"),
+        "llama_cpp_source": vendor.get("sdist", "unknown"),
+        "patches": [p["name"] for p in vendor.get("patches", [])],
+        "backends": backends(),
+        "devices": devices(),
+        "cpu_features": sorted(k for k, v in features.get("CPU", {}).items() if v == "1"),
+        "build": {
+            "cuda": bi.GGML_CUDA,
+            "native": bi.GGML_NATIVE,
+            "build_type": bi.CMAKE_BUILD_TYPE,
+            "compiler": bi.COMPILER,
+        },
+        "llama_system_info": raw.strip(),
+        "gpu_offload": bool(lib.llama_supports_gpu_offload()),
+        "mmap": bool(lib.llama_supports_mmap()),
+    }
