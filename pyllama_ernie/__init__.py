@@ -8,46 +8,62 @@ Quick start::
         print(model.generate("Hello", max_tokens=32, temperature=0).text)
         for piece in model.stream("Tell me a story", max_tokens=64):
             print(piece, end="", flush=True)
+
+The runtime names below load the compiled library on first use, so the
+torch-free converter (``pyllama_ernie.convert``) imports without it.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from ._lib import set_log_level
-from .context import Completion, Context, SamplingParams, Timings
-from .errors import (
-    BusyError,
-    ClosedError,
-    ContextError,
-    DecodeError,
-    ErnieError,
-    InvalidModelFileError,
-    ModelLoadError,
-    PromptTooLongError,
-    QuantizeError,
-    TokenizeError,
-)
-from .model import Model
-from .system import system_info
+# public name -> module that defines it
+_EXPORTS = {
+    "Model": "model",
+    "Context": "context",
+    "Completion": "context",
+    "Embeddings": "context",
+    "Timings": "context",
+    "SamplingParams": "context",
+    "system_info": "system",
+    "set_log_level": "_lib",
+    "quantize": "quantize",
+    "ErnieError": "errors",
+    "ModelLoadError": "errors",
+    "InvalidModelFileError": "errors",
+    "ContextError": "errors",
+    "ClosedError": "errors",
+    "BusyError": "errors",
+    "DecodeError": "errors",
+    "PromptTooLongError": "errors",
+    "TokenizeError": "errors",
+    "QuantizeError": "errors",
+}
 
-__all__ = [
-    "__version__",
-    "Model",
-    "Context",
-    "Completion",
-    "Timings",
-    "SamplingParams",
-    "system_info",
-    "set_log_level",
-    "ErnieError",
-    "ModelLoadError",
-    "InvalidModelFileError",
-    "ContextError",
-    "ClosedError",
-    "BusyError",
-    "DecodeError",
-    "PromptTooLongError",
-    "TokenizeError",
-    "QuantizeError",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyllama_ernie' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._lib import set_log_level
+    from .context import Completion, Context, Embeddings, SamplingParams, Timings
+    from .errors import (BusyError, ClosedError, ContextError, DecodeError, ErnieError, InvalidModelFileError,
+                         ModelLoadError, PromptTooLongError, QuantizeError, TokenizeError)
+    from .model import Model
+    from .quantize import quantize
+    from .system import system_info

@@ -1,0 +1,202 @@
+"""Tiny random-weight ERNIE 4.5 GGUF files, for self-checks and tests.
+
+``write_tiny_gguf("ernie4_5", path)`` / ``write_tiny_gguf("ernie4_5-moe", path)``
+writes a small, valid model without torch, downloads or sentencepiece: the
+weights are random (seeded), named as a Hugging Face checkpoint would name them,
+and go through the converter's own config parsing, tensor mapping and writer;
+the vocabulary is a small SentencePiece-style ("llama") one written directly:
+``<unk>``, ``<s>``, ``</s>``, the 256 byte-fallback tokens, single characters,
+whole words (with every prefix, so llama.cpp's merges reach them) and ERNIE's
+special tokens, so tokenizing and generating work.
+
+Shapes: hidden 64, 4 heads (2 KV heads, head_dim 16), FFN 128, 2 layers (dense);
+the MoE model has 3 layers (layer 0 dense), 4 experts (top-2, width 32), one
+shared expert and a non-zero expert-selection bias (``exp_probs_b``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import ernie4_5, write_gguf
+from .errors import ConversionError
+from .hfconfig import parse_config
+from .tokenizer import TokenType, Vocab
+
+__all__ = ["write_tiny_gguf", "tiny_config", "tiny_vocab", "ARCHS", "CHAT_TEMPLATE"]
+
+ARCHS = ("ernie4_5", "ernie4_5-moe")
+
+CHAT_TEMPLATE = (
+    "{%- if not add_generation_prompt is defined -%}{%- set add_generation_prompt = true -%}{%- endif -%}"
+    '{%- if not cls_token is defined -%}{%- set cls_token = "<|begin_of_sentence|>" -%}{%- endif -%}'
+    '{%- if not sep_token is defined -%}{%- set sep_token = "<|end_of_sentence|>" -%}{%- endif -%}'
+    "{{- cls_token -}}"
+    "{%- for message in messages -%}"
+    '{%- if message["role"] == "user" -%}{{- "User: " + message["content"] + "\\n" -}}'
+    '{%- elif message["role"] == "assistant" -%}{{- "Assistant: " + message["content"] + sep_token -}}'
+    '{%- elif message["role"] == "system" -%}{{- message["content"] + "\\n" -}}'
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    '{%- if add_generation_prompt -%}{{- "Assistant: " -}}{%- endif -%}'
+)
+
+_WORDS = (
+    "the a an is are was of to in and or not it this that with for on at by be as you I we "
+    "Hello hello world model token text ERNIE Baidu user assistant system answer question "
+    "Tell me story once upon time there small quick brown fox jumps over lazy dog good day"
+).split()
+_CJK = ["你", "好", "世", "界", "我", "们", "文", "心", "你好", "世界", "我们", "文心"]
+_CONTROL = [
+    "<|begin_of_sentence|>", "<|end_of_sentence|>", "<mask:0>", "<mask:1>",
+    "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_START|>", "<|IMAGE_END|>", "<|VIDEO_START|>", "<|VIDEO_END|>",
+]
+_USER_DEFINED = ["<think>", "</think>"]
+
+
+def tiny_vocab() -> Vocab:
+    """A few hundred SPM-style tokens, with ERNIE's special tokens and chat template."""
+    tokens: list[str] = ["<unk>", "<s>", "</s>"]
+    types = [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [TokenType.BYTE] * 256
+    pieces: list[str] = []
+
+    def piece(p: str) -> None:
+        if p not in pieces:
+            pieces.append(p)
+
+    # shorter pieces first: they get higher scores and merge earlier, as in a BPE vocabulary
+    words = ["\u2581" + w for w in _WORDS]
+    for length in range(2, max(len(w) for w in words) + 1):
+        for w in words:
+            if len(w) >= length:
+                piece(w[:length])
+    for p in _CJK:
+        piece(p)
+    for c in "\u2581abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?:;'\"()-\n":
+        piece(c)
+    n_fixed = len(tokens)
+    tokens += pieces
+    types += [TokenType.NORMAL] * len(pieces)
+    scores = [0.0] * n_fixed + [-float(i) for i in range(len(pieces))]
+    for t in _CONTROL:
+        tokens.append(t)
+        types.append(TokenType.CONTROL)
+        scores.append(0.0)
+    for t in _USER_DEFINED:
+        tokens.append(t)
+        types.append(TokenType.USER_DEFINED)
+        scores.append(0.0)
+    ids = {t: i for i, t in enumerate(tokens)}
+    return Vocab(
+        tokens=[t.encode("utf-8") for t in tokens],
+        scores=scores,
+        types=[int(t) for t in types],
+        add_space_prefix=False,
+        special_ids={
+            "bos": ids["<s>"], "eos": ids["</s>"], "unk": ids["<unk>"],
+            "sep": ids["<|end_of_sentence|>"], "pad": ids["<unk>"], "mask": ids["<mask:1>"],
+        },
+        add_special={"bos": False, "eos": False},
+        chat_template=CHAT_TEMPLATE,
+        source="synthetic",
+    )
+
+
+def tiny_config(arch: str, vocab_size: int) -> dict[str, Any]:
+    """The config.json (as a dict) of the tiny model for ``arch``."""
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 500000.0, "rope_type": "default"},
+        use_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    if arch == "ernie4_5":
+        return dict(common, architectures=["Ernie4_5ForCausalLM"], model_type="ernie4_5",
+                    num_hidden_layers=2, head_dim=16, tie_word_embeddings=True)
+    if arch == "ernie4_5-moe":
+        return dict(common, architectures=["Ernie4_5_MoeForCausalLM"], model_type="ernie4_5_moe",
+                    num_hidden_layers=3, tie_word_embeddings=False, moe_num_experts=4, moe_k=2,
+                    moe_num_shared_experts=1, moe_intermediate_size=32, moe_layer_start_index=1,
+                    moe_layer_end_index=-1, moe_layer_interval=1)
+    raise ConversionError(f"no tiny model for architecture {arch!r}; choose one of {', '.join(ARCHS)}.")
+
+
+class _ArraySource:
+    """Named arrays in memory, readable like a Checkpoint."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+
+    def names(self) -> list[str]:
+        return list(self.arrays)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.arrays[name].shape)
+
+    def iter_rows(self, name: str, row_start: int = 0, row_stop: int | None = None) -> Iterator[np.ndarray]:
+        a = self.arrays[name]
+        yield a if a.ndim <= 1 else a[row_start:row_stop]
+
+
+def _random_weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    hf = parse_config(cfg)
+    t = hf.text
+    H, V, hd = t.hidden_size, t.vocab_size, t.head_dim
+
+    def w(*shape: int, std: float = 0.15) -> np.ndarray:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def norm() -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(H)).astype(np.float32)
+
+    a: dict[str, np.ndarray] = {"model.embed_tokens.weight": w(V, H, std=0.5)}
+    moe_layers = set(t.moe.moe_layers(t.n_layers)) if t.moe else set()
+    for i in range(t.n_layers):
+        p = f"model.layers.{i}."
+        a[p + "input_layernorm.weight"] = norm()
+        a[p + "self_attn.q_proj.weight"] = w(t.n_heads * hd, H)
+        a[p + "self_attn.k_proj.weight"] = w(t.n_kv_heads * hd, H)
+        a[p + "self_attn.v_proj.weight"] = w(t.n_kv_heads * hd, H)
+        a[p + "self_attn.o_proj.weight"] = w(H, t.n_heads * hd)
+        a[p + "post_attention_layernorm.weight"] = norm()
+        if i in moe_layers:
+            m = t.moe
+            assert m is not None
+            a[p + "mlp.gate.weight"] = w(m.n_experts, H, std=0.5)
+            a[p + "mlp.moe_statics.e_score_correction_bias"] = w(1, m.n_experts, std=0.05)
+            for e in range(m.n_experts):
+                a[p + f"mlp.experts.{e}.gate_proj.weight"] = w(m.expert_ff, H)
+                a[p + f"mlp.experts.{e}.up_proj.weight"] = w(m.expert_ff, H)
+                a[p + f"mlp.experts.{e}.down_proj.weight"] = w(H, m.expert_ff)
+            if m.n_shared:
+                a[p + "mlp.shared_experts.gate_proj.weight"] = w(m.shared_ff, H)
+                a[p + "mlp.shared_experts.up_proj.weight"] = w(m.shared_ff, H)
+                a[p + "mlp.shared_experts.down_proj.weight"] = w(H, m.shared_ff)
+        else:
+            a[p + "mlp.gate_proj.weight"] = w(t.intermediate_size, H)
+            a[p + "mlp.up_proj.weight"] = w(t.intermediate_size, H)
+            a[p + "mlp.down_proj.weight"] = w(H, t.intermediate_size)
+    a["model.norm.weight"] = norm()
+    if not t.tie_word_embeddings:
+        a["lm_head.weight"] = w(V, H, std=0.5)
+    return a
+
+
+def write_tiny_gguf(arch: str, path: str | os.PathLike[str], *, seed: int = 0, outtype: str = "f32") -> Path:
+    """Write a tiny random ``ernie4_5`` or ``ernie4_5-moe`` model to ``path``; returns the path."""
+    vocab = tiny_vocab()
+    cfg = tiny_config(arch, len(vocab.tokens))
+    hf = parse_config(cfg)
+    src = _ArraySource(_random_weights(cfg, seed))
+    specs = ernie4_5.tensor_specs(hf, src, outtype)
+    return write_gguf(
+        path, hf=hf, arch=ernie4_5.gguf_arch(hf), outtype=outtype, specs=specs, vocab=vocab,
+        name=f"tiny-{arch}-seed{seed}",
+    )

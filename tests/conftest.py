@@ -1,0 +1,163 @@
+"""Session fixtures: tiny reference ERNIE 4.5 models and their GGUF conversions.
+
+Interface (all session-scoped, built lazily and cached under one temp folder):
+
+* ``TINY_MODELS`` (module constant, also the ``tiny_models`` fixture): name -> spec
+  dict with ``kind`` ("dense"/"moe"), ``dtype`` (how weights are stored), optional
+  ``shard`` and ``config`` (kwargs of the transformers config class). Names:
+  ``dense_a``, ``dense_b``, ``moe_a``, ``moe_odd``, ``moe_step2`` (see
+  tests/reference_models.py; ``moe_step2`` is a layout llama.cpp cannot run,
+  so converting it raises ConversionError).
+* ``hf_model_dir(name) -> Path``: the saved checkpoint (safetensors, config.json,
+  tokenizer.model, tokenizer.json, tokenizer_config.json with ERNIE's chat template).
+* ``gguf_model(name, outtype="f32") -> Path``: that checkpoint converted by
+  ``pyllama_ernie.convert.convert`` (outtype f32/f16/bf16/q8_0).
+* ``reference_model(name) -> transformers model``: loaded from ``hf_model_dir(name)``
+  in float32, eval mode (``torch.set_num_threads(1)`` is set).
+* ``reference_tokenizer(name) -> transformers tokenizer`` (``AutoTokenizer``).
+* ``tiny_gguf(arch) -> Path``: ``write_tiny_gguf(arch)`` for "ernie4_5" / "ernie4_5-moe"
+  (needs neither torch nor transformers).
+* ``ernie_tokenizer -> {"dir", "n_pieces", "special_ids"}``: the reference tokenizer files
+  (one SentencePiece BPE model shared by all tiny models; ``special_ids`` maps ERNIE's
+  special tokens, e.g. "<|IMAGE_START|>", to their ids). Every model's vocab_size is
+  ``reference_models.model_vocab_size(n_pieces)`` (padded, like ERNIE's 103424).
+* ``converter``: the ``pyllama_ernie.convert`` package.
+
+Fixtures that need torch/transformers/sentencepiece skip (with the reason) when
+those are not installed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pyllama_ernie.convert as convert_pkg  # noqa: E402
+from reference_models import TINY_MODELS, build_model, build_tokenizer  # noqa: E402
+
+__all__ = ["TINY_MODELS"]
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "upstream: compares with llama.cpp's own convert_hf_to_gguf.py (slow)")
+
+
+def _need_reference_stack() -> None:
+    missing = []
+    for mod in ("torch", "transformers", "sentencepiece", "tokenizers", "safetensors"):
+        try:
+            __import__(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        reason = f"reference models need {', '.join(missing)} (not installed)"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def converter():
+    return convert_pkg
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, dict[str, Any]]:
+    return TINY_MODELS
+
+
+@pytest.fixture(scope="session")
+def _cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny_ernie")
+
+
+@pytest.fixture(scope="session")
+def ernie_tokenizer(_cache_root) -> dict[str, Any]:
+    """Builds the reference tokenizer files once; returns {"dir", "n_pieces", "special_ids"}."""
+    _need_reference_stack()
+    d = _cache_root / "_tokenizer"
+    info = build_tokenizer(d)
+    return dict(info, dir=d)
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(_cache_root, ernie_tokenizer) -> Callable[[str], Path]:
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in TINY_MODELS:
+            raise KeyError(f"no tiny model {name!r}; have {sorted(TINY_MODELS)}")
+        if name not in built:
+            built[name] = build_model(name, _cache_root / name, ernie_tokenizer["dir"], ernie_tokenizer["n_pieces"])
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_model(_cache_root, hf_model_dir) -> Callable[..., Path]:
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, outtype: str = "f32") -> Path:
+        key = (name, outtype)
+        if key not in made:
+            out = _cache_root / "gguf" / f"{name}-{outtype}.gguf"
+            out.parent.mkdir(exist_ok=True)
+            made[key] = convert_pkg.convert(hf_model_dir(name), out, outtype)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_model(hf_model_dir) -> Callable[[str], Any]:
+    loaded: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in loaded:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            m = AutoModelForCausalLM.from_pretrained(hf_model_dir(name), dtype=torch.float32)
+            loaded[name] = m.eval()
+        return loaded[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_tokenizer(hf_model_dir) -> Callable[[str], Any]:
+    loaded: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in loaded:
+            from transformers import AutoTokenizer
+
+            loaded[name] = AutoTokenizer.from_pretrained(hf_model_dir(name))
+        return loaded[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(_cache_root) -> Callable[[str], Path]:
+    import importlib
+
+    synthetic = importlib.import_module(f"{convert_pkg.__name__}.synthetic")
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            out = _cache_root / "synthetic" / f"tiny-{arch}.gguf"
+            out.parent.mkdir(exist_ok=True)
+            made[arch] = synthetic.write_tiny_gguf(arch, out)
+        return made[arch]
+
+    return get
