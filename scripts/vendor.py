@@ -164,6 +164,7 @@ def verify(path: Path) -> None:
 def extract(sdist: Path, dest: Path) -> None:
     """Extract ``vendor/llama.cpp`` of the sdist into ``dest`` (which must not exist)."""
     prefix = f"{SDIST_FILE[: -len('.tar.gz')]}/vendor/llama.cpp/"
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".llama.cpp-"))
     try:
         with tarfile.open(sdist, "r:gz") as tar:

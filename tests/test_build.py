@@ -118,3 +118,24 @@ def _python_include() -> str:
     import sysconfig
 
     return sysconfig.get_paths()["include"]
+
+
+def test_edit_then_export_reproduces_the_series(tmp_path):
+    """The documented patch workflow: edit (git checkout with one commit per patch), export."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
+    shutil.copytree(ROOT / "patches", tmp_path / "patches")
+    run = lambda *a: subprocess.run([sys.executable, str(tmp_path / "scripts" / "vendor.py"), *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=600)
+    r = run("edit")
+    assert r.returncode == 0, r.stderr
+    log = subprocess.run(["git", "-C", str(tmp_path / "vendor" / "llama.cpp"), "log", "--format=%s", "base..HEAD"],
+                         capture_output=True, text=True).stdout.split("\n")
+    series = [p for p in (ROOT / "patches" / "series").read_text().splitlines() if p and not p.startswith("#")]
+    assert len([line for line in log if line]) == len(series)
+    r = run("export")
+    assert r.returncode == 0, r.stderr
+    for name in series:
+        assert (tmp_path / "patches" / name).read_bytes() == (ROOT / "patches" / name).read_bytes(), name
+    assert (tmp_path / "patches" / "series").read_text() == (ROOT / "patches" / "series").read_text()
