@@ -15,8 +15,20 @@ Interface (all session-scoped, built lazily and cached under one temp folder):
 * ``reference_model(name) -> transformers model``: loaded from ``hf_model_dir(name)``
   in float32, eval mode (``torch.set_num_threads(1)`` is set).
 * ``reference_tokenizer(name) -> transformers tokenizer`` (``AutoTokenizer``).
-* ``tiny_gguf(arch) -> Path``: ``write_tiny_gguf(arch)`` for "ernie4_5" / "ernie4_5-moe"
-  (needs neither torch nor transformers).
+* ``tiny_gguf(arch) -> Path``: ``write_tiny_gguf(arch)`` for "ernie4_5" / "ernie4_5-moe" /
+  "ernie4_5-vl-moe" (needs neither torch nor transformers).
+* ERNIE 4.5 VL (``Ernie4_5_VLMoeForConditionalGeneration``), models ``VL_MODELS`` (the
+  ``vl_models`` fixture): ``vl_a`` (head_dim 128, mrope [22, 22, 20]), ``vl_b`` (head_dim 64,
+  [11, 11, 10], untied, bf16), ``vl_c`` (head_dim 32, [6, 6, 4], MoE layers 3 and 5 of 6, vision
+  experts wider than text ones, 2 shared experts, sharded) and ``vl_baidu`` (vl_c's weights with
+  Baidu's original config.json and tensor names; see tests/reference_models.py):
+
+  * ``vl_model_dir(name) -> Path``: the saved checkpoint with the tokenizer files (whose image /
+    video token ids the config points at);
+  * ``vl_gguf(name, outtype="f32") -> Path``: converted by ``pyllama_ernie.convert.convert``;
+  * ``vl_reference_model(name)``: the transformers model in float32, eval mode (for ``vl_baidu``,
+    the model of ``vl_c``, whose weights it holds);
+  * ``reference_tokenizer_vl(name)``: ``AutoTokenizer`` of that checkpoint.
 * ``ernie_tokenizer -> {"dir", "n_pieces", "special_ids"}``: the reference tokenizer files
   (one SentencePiece BPE model shared by all tiny models; ``special_ids`` maps ERNIE's
   special tokens, e.g. "<|IMAGE_START|>", to their ids). Every model's vocab_size is
@@ -38,9 +50,16 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyllama_ernie.convert as convert_pkg  # noqa: E402
-from reference_models import TINY_MODELS, build_model, build_tokenizer  # noqa: E402
+from reference_models import (  # noqa: E402
+    TINY_MODELS,
+    VL_MODELS,
+    build_model,
+    build_tokenizer,
+    build_vl_baidu,
+    build_vl_model,
+)
 
-__all__ = ["TINY_MODELS"]
+__all__ = ["TINY_MODELS", "VL_MODELS"]
 
 
 def pytest_configure(config: Any) -> None:
@@ -159,5 +178,78 @@ def tiny_gguf(_cache_root) -> Callable[[str], Path]:
             out.parent.mkdir(exist_ok=True)
             made[arch] = synthetic.write_tiny_gguf(arch, out)
         return made[arch]
+
+    return get
+
+
+# -- ERNIE 4.5 VL ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def vl_models() -> dict[str, dict[str, Any]]:
+    return VL_MODELS
+
+
+@pytest.fixture(scope="session")
+def vl_model_dir(_cache_root, ernie_tokenizer) -> Callable[[str], Path]:
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in VL_MODELS:
+            raise KeyError(f"no VL model {name!r}; have {sorted(VL_MODELS)}")
+        if name not in built:
+            source = VL_MODELS[name].get("baidu_of")
+            if source is not None:
+                # same folder name as the source, so general.name (taken from it) is the same too
+                built[name] = build_vl_baidu(get(source), _cache_root / "baidu" / source)
+            else:
+                built[name] = build_vl_model(name, _cache_root / name, ernie_tokenizer["dir"],
+                                             ernie_tokenizer["n_pieces"], ernie_tokenizer["special_ids"])
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vl_gguf(_cache_root, vl_model_dir) -> Callable[..., Path]:
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, outtype: str = "f32") -> Path:
+        key = (name, outtype)
+        if key not in made:
+            out = _cache_root / "gguf" / f"{name}-{outtype}.gguf"
+            out.parent.mkdir(exist_ok=True)
+            made[key] = convert_pkg.convert(vl_model_dir(name), out, outtype)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vl_reference_model(vl_model_dir) -> Callable[[str], Any]:
+    loaded: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        name = VL_MODELS[name].get("baidu_of", name)
+        if name not in loaded:
+            import torch
+            from transformers import Ernie4_5_VLMoeForConditionalGeneration
+
+            m = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(vl_model_dir(name), dtype=torch.float32)
+            loaded[name] = m.eval()
+        return loaded[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def reference_tokenizer_vl(vl_model_dir) -> Callable[[str], Any]:
+    loaded: dict[str, Any] = {}
+
+    def get(name: str) -> Any:
+        if name not in loaded:
+            from transformers import AutoTokenizer
+
+            loaded[name] = AutoTokenizer.from_pretrained(vl_model_dir(name))
+        return loaded[name]
 
     return get

@@ -1,4 +1,4 @@
-"""Tiny random-weight ERNIE 4.5 checkpoints, built with transformers, for tests.
+"""Tiny random-weight ERNIE 4.5 checkpoints (text and VL), built with transformers, for tests.
 
 Everything here is deterministic (fixed seeds) and takes well under a second per
 model once torch and transformers are imported. Used by ``conftest.py``; import
@@ -117,6 +117,7 @@ ERNIE_SPECIAL_PIECES: list[tuple[str, int, bool]] = [
     ("<|video_pad|>", 3, True),
     ("<think>", 4, False),
     ("</think>", 4, False),
+    ("<|VIDEO_PLACEHOLDER|>", 3, True),  # ERNIE-4.5-VL's video token (appended: earlier ids stay)
 ]
 
 # ERNIE 4.5's chat template (tokenizer_config.json of the -PT text models)
@@ -351,4 +352,229 @@ def build_model(name: str, out_dir: Path, tokenizer_dir: Path, n_pieces: int, se
     model.save_pretrained(out_dir, **save_kw)
     for f in TOKENIZER_FILES:
         shutil.copy(tokenizer_dir / f, out_dir / f)
+    return out_dir
+
+
+# -- ERNIE 4.5 VL (Ernie4_5_VLMoeForConditionalGeneration) ----------------------------------------
+
+# name -> description. "text"/"vision": kwargs of the text/vision sub-configs (the text config's
+# rope_parameters get rope_theta 500000 and "mrope" as mrope_section [h, w, t]); "tie": the
+# top-level tie_word_embeddings; "dtype"/"shard" as for TINY_MODELS. transformers' VL model has
+# one moe_num_experts for both pools, so the pools differ in expert width only.
+# "baidu_of": the same weights with Baidu's original (remote-code) config.json, in a folder of
+# the same name under another parent (so both GGUFs are byte-identical, general.name included).
+VL_MODELS: dict[str, dict[str, Any]] = {
+    # head_dim 128 with the 28B's rope split [22, 22, 20]; GQA 2:1; layer 0 dense; tied
+    "vl_a": dict(
+        dtype="float32", tie=True, mrope=[22, 22, 20],
+        text=dict(hidden_size=256, intermediate_size=192, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, moe_intermediate_size=[64, 32], moe_num_experts=4, moe_k=2,
+                  moe_num_shared_experts=1),
+        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2),
+    ),
+    # head_dim 64, rope split scaled to [11, 11, 10]; 4 heads, 2 KV heads; untied; stored as bf16
+    "vl_b": dict(
+        dtype="bfloat16", tie=False, mrope=[11, 11, 10],
+        text=dict(hidden_size=256, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, moe_intermediate_size=[64, 32], moe_num_experts=4, moe_k=2,
+                  moe_num_shared_experts=1),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2),
+    ),
+    # head_dim 32, split [6, 6, 4]; MoE layers 3 and 5 of 6 (dense lead 3, step 2); vision experts
+    # wider than text ones (48 text, 80 vision); 6 experts top-3; 2 shared experts; sharded files
+    "vl_c": dict(
+        dtype="float32", tie=True, mrope=[6, 6, 4], shard="1MB",
+        text=dict(hidden_size=128, intermediate_size=160, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2, moe_intermediate_size=[48, 80], moe_num_experts=6, moe_k=3,
+                  moe_num_shared_experts=2,
+                  mlp_layer_types=["dense", "dense", "dense", "sparse", "dense", "sparse"]),
+        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2),
+    ),
+    # vl_c as Baidu publishes checkpoints: flat config.json (start [2, 2], end [6, 5], interval 2,
+    # freq_allocation 4), vision tower at the top level (vision_model.*), a stored lm_head although tied
+    "vl_baidu": dict(baidu_of="vl_c"),
+    # vl_a trained for a few hundred steps to memorise TRAIN_TEXTS: a random model's next-token
+    # distributions are nearly flat, so any rounding flips its top-1; a trained model's are not
+    "vl_trained": dict(train_of="vl_a", steps=300),
+}
+
+#: what vl_trained memorises (and what the quantization test scores)
+TRAIN_TEXTS = [line for line in _corpus(400, seed=7) if len(line) > 40][:48]
+
+# special tokens -> the VL config's token-id keys
+VL_TOKEN_KEYS = {
+    "image_token_id": "<|IMAGE_PLACEHOLDER|>", "image_start_token_id": "<|IMAGE_START|>",
+    "image_end_token_id": "<|IMAGE_END|>", "video_token_id": "<|VIDEO_PLACEHOLDER|>",
+    "video_start_token_id": "<|VIDEO_START|>", "video_end_token_id": "<|VIDEO_END|>",
+}
+
+
+def vl_text_config(name: str, n_pieces: int) -> dict[str, Any]:
+    """The text_config kwargs of VL_MODELS[name] (an HF-native model)."""
+    spec = VL_MODELS[name]
+    return dict(
+        spec["text"], vocab_size=model_vocab_size(n_pieces), max_position_embeddings=4096,
+        tie_word_embeddings=spec["tie"],
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": list(spec["mrope"])},
+    )
+
+
+def _init_vl_weights(model: Any, seed: int) -> None:
+    import re
+
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    norm = re.compile(r"(norm|norm1|norm2|\.ln)\.weight$")
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if norm.search(pname):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "e_score_correction_bias" in pname:  # both pools' rows
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(INIT_STD * torch.randn(p.shape, generator=gen))
+
+
+def _train_text(model: Any, tokenizer_dir: Path, steps: int, seed: int) -> None:
+    """Fit the language model to TRAIN_TEXTS (full batch, text only) so its predictions are confident."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    seqs = [tok(t)["input_ids"][:16] for t in TRAIN_TEXTS]
+    batch = torch.tensor([s for s in seqs if len(s) == 16])
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def build_vl_model(name: str, out_dir: Path, tokenizer_dir: Path, n_pieces: int, special_ids: dict[str, int],
+                   seed: int = 0) -> Path:
+    """Create, initialise and save VL_MODELS[name] (HF-native, with the tokenizer files) into ``out_dir``."""
+    import torch
+    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
+
+    steps = VL_MODELS[name].get("steps", 0)
+    if "train_of" in VL_MODELS[name]:
+        name = VL_MODELS[name]["train_of"]
+    spec = VL_MODELS[name]
+    config = Ernie4_5_VLMoeConfig(
+        text_config=vl_text_config(name, n_pieces),
+        vision_config=dict(spec["vision"]),
+        tie_word_embeddings=spec["tie"],
+        **{key: special_ids[tok] for key, tok in VL_TOKEN_KEYS.items()},
+    )
+    torch.manual_seed(seed)
+    model = Ernie4_5_VLMoeForConditionalGeneration(config)
+    _init_vl_weights(model, seed)
+    if steps:
+        _train_text(model, tokenizer_dir, steps, seed)
+    if spec["dtype"] == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_kw: dict[str, Any] = {}
+    if spec.get("shard"):
+        save_kw["max_shard_size"] = spec["shard"]
+    model.save_pretrained(out_dir, **save_kw)
+    for f in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / f, out_dir / f)
+    return out_dir
+
+
+def baidu_vl_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """Baidu's original (remote-code, ``ernie4_5_moe_vl``) config.json for an HF-native VL config.json."""
+    t, v = hf_config["text_config"], hf_config["vision_config"]
+    n = t["num_hidden_layers"]
+    sparse = [i for i, kind in enumerate(t["mlp_layer_types"]) if kind == "sparse"]
+    # start / interval / end reproducing mlp_layer_types; the end indices run past the last layer
+    # for the text pool, as the 28B's [29, 28] does
+    interval = sparse[1] - sparse[0] if len(sparse) > 1 else 1
+    start = sparse[0] - (interval - 1 if interval > 1 else 0)
+    assert [i for i in range(n) if (i + 1) % interval == 0 and i >= start] == sparse
+    h, w, tt = t["rope_parameters"]["mrope_section"]
+    cfg = {
+        "architectures": ["Ernie4_5_VLMoeForConditionalGeneration"],
+        "model_type": "ernie4_5_moe_vl",
+        "hidden_size": t["hidden_size"],
+        "intermediate_size": t["intermediate_size"],
+        "num_hidden_layers": n,
+        "num_attention_heads": t["num_attention_heads"],
+        "num_key_value_heads": t["num_key_value_heads"],
+        "max_position_embeddings": t["max_position_embeddings"],
+        "rms_norm_eps": t["rms_norm_eps"],
+        "rope_theta": t["rope_parameters"]["rope_theta"],
+        "vocab_size": t["vocab_size"],
+        "tie_word_embeddings": hf_config["tie_word_embeddings"],
+        "use_bias": False,
+        "use_cache": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "torch_dtype": "float32",
+        "moe_num_experts": [t["moe_num_experts"], t["moe_num_experts"]],
+        "moe_intermediate_size": list(t["moe_intermediate_size"]),
+        "moe_k": t["moe_k"],
+        "moe_layer_start_index": [start, start],
+        "moe_layer_end_index": [n, n - 1],
+        "moe_layer_interval": interval,
+        "moe_num_shared_experts": t["moe_num_shared_experts"],
+        "moe_gate": "topk",
+        "moe_use_aux_free": True,
+        "moe_multimodal_dispatch_use_allgather": "v2-alltoall-unpad",
+        "rope_3d": True,
+        "freq_allocation": tt,
+        "im_patch_id": hf_config["image_token_id"],
+        "pixel_hidden_size": v["hidden_size"],
+        "spatial_conv_size": v["spatial_merge_size"],
+        "temporal_conv_size": v["temporal_merge_size"],
+        "use_temporal_conv": True,
+        "vision_config": {
+            "depth": v["depth"],
+            "embed_dim": v["hidden_size"],
+            "hidden_size": t["hidden_size"],  # not the ViT width in Baidu's config
+            "hidden_act": "quick_gelu",
+            "mlp_ratio": v["intermediate_size"] // v["hidden_size"],
+            "num_heads": v["num_heads"],
+            "in_channels": 3,
+            "patch_size": v["patch_size"],
+            "spatial_merge_size": v["spatial_merge_size"],
+            "attn_implementation": "eager",
+        },
+    }
+    assert h == w and h + w + tt == t["hidden_size"] // t["num_attention_heads"] // 2
+    return cfg
+
+
+def build_vl_baidu(src_dir: Path, out_dir: Path) -> Path:
+    """The checkpoint in ``src_dir`` rewritten as Baidu publishes it (see VL_MODELS["vl_baidu"])."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_config = json.loads((src_dir / "config.json").read_text())
+    weights = {}
+    for f in sorted(src_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                weights[k] = st.get_tensor(k)
+    renamed = {}
+    for k, v in weights.items():
+        if k.startswith("model.vision_model."):  # transformers saves the ViT under model.; the Hub has it on top
+            k = k[len("model."):]
+        renamed[k] = v.contiguous()
+    if hf_config["tie_word_embeddings"] and "lm_head.weight" not in renamed:
+        renamed["lm_head.weight"] = renamed["model.embed_tokens.weight"].clone()
+    save_file(renamed, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(baidu_vl_config(hf_config), indent=2))
+    for f in src_dir.iterdir():
+        if f.name != "config.json" and not f.name.startswith("model") and f.is_file():
+            shutil.copy(f, out_dir / f.name)
     return out_dir

@@ -245,6 +245,7 @@ def test_vocab_and_special_tokens(gguf_model, ernie_tokenizer):
     assert kv["tokenizer.ggml.unknown_token_id"] == 0
     assert kv["tokenizer.ggml.padding_token_id"] == 0
     assert kv["tokenizer.ggml.seperator_token_id"] == sid["<|end_of_sentence|>"]
+    assert kv["tokenizer.ggml.eot_token_id"] == sid["<|end_of_sentence|>"]
     assert kv["tokenizer.ggml.mask_token_id"] == sid["<mask:1>"]
     assert kv["tokenizer.ggml.add_bos_token"] is False
     assert kv["tokenizer.ggml.add_eos_token"] is False
@@ -352,8 +353,11 @@ def test_same_as_upstream_converter(name, outtype, hf_model_dir, gguf_model, tmp
     up_kv, up_ts = read_gguf(_upstream(hf_model_dir(name), tmp_path / "up.gguf", outtype))
     kv, ts = read_gguf(gguf_model(name, outtype))
     fixed = {"ernie4_5-moe.expert_shared_feed_forward_length"} if name == "moe_odd" else set()
-    assert set(kv) == set(up_kv)
-    diff = {k for k in kv if kv[k] != up_kv[k]}
+    # the one documented addition: <|end_of_sentence|> as the end-of-turn token (llama.cpp stops there)
+    extra = {"tokenizer.ggml.eot_token_id"}
+    assert set(kv) == set(up_kv) | extra and not extra & set(up_kv)
+    assert kv["tokenizer.ggml.tokens"][kv["tokenizer.ggml.eot_token_id"]] == "<|end_of_sentence|>"
+    diff = {k for k in kv if k not in extra and kv[k] != up_kv[k]}
     assert diff == fixed, {k: (kv[k], up_kv[k]) for k in diff}
     if fixed:  # the documented fix (hazard 2): upstream's value is wrong for this shape
         assert up_kv["ernie4_5-moe.expert_shared_feed_forward_length"] == 72 // 2
@@ -628,9 +632,42 @@ def test_streaming_memory(hf_model_dir, tmp_path, monkeypatch):
     assert peak < largest / 4
 
 
+@pytest.mark.parametrize("name", ["dense_a", "moe_a"])
+def test_end_of_turn_stops_generation(name, gguf_model, ernie_tokenizer):
+    """<|end_of_sentence|> (which ends an assistant turn) is an end-of-generation token, as </s> is."""
+    pytest.importorskip("pyllama_ernie._lib", reason="pyllama_ernie is not built")
+    from pyllama_ernie import Model
+
+    sid = ernie_tokenizer["special_ids"]
+    with Model(gguf_model(name, "f32"), n_ctx=64) as m:
+        assert m.is_eog(sid["<|end_of_sentence|>"]) and m.is_eog(m.eos_token)
+        assert not m.is_eog(sid["<|begin_of_sentence|>"])
+        assert set(m.eog_tokens) == {m.eos_token, sid["<|end_of_sentence|>"]}
+
+
+def test_no_end_of_turn_without_the_token(hf_model_dir, tmp_path):
+    """A vocabulary without <|end_of_sentence|> gets no eot key."""
+    d = _copy(hf_model_dir("dense_a"), tmp_path)
+    (d / "tokenizer.model").unlink()
+    data = json.loads((d / "tokenizer.json").read_text())
+    tid = data["model"]["vocab"].pop("<|end_of_sentence|>")
+    data["model"]["vocab"]["<|not_the_end|>"] = tid
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|end_of_sentence|>"]
+    (d / "tokenizer.json").write_text(json.dumps(data))
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["added_tokens_decoder"].pop(str(tid))
+    cfg.pop("sep_token")
+    cfg.pop("chat_template")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "special_tokens_map.json").unlink()
+    kv, _ = read_gguf(convert(d, tmp_path / "m.gguf", "f32"))
+    assert "<|end_of_sentence|>" not in kv["tokenizer.ggml.tokens"]
+    assert "tokenizer.ggml.eot_token_id" not in kv
+
+
 # -- synthetic models ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["ernie4_5", "ernie4_5-moe"])
+@pytest.mark.parametrize("arch", ["ernie4_5", "ernie4_5-moe", "ernie4_5-vl-moe"])
 def test_synthetic_models(arch, tiny_gguf, tmp_path):
     path = tiny_gguf(arch)
     kv, ts = read_gguf(path)
@@ -641,6 +678,7 @@ def test_synthetic_models(arch, tiny_gguf, tmp_path):
     assert 300 < len(tokens) < 1000
     assert "<|begin_of_sentence|>" in tokens and "<think>" in tokens and "<0xFF>" in tokens
     assert kv["tokenizer.chat_template"] == synthetic.CHAT_TEMPLATE
+    assert tokens[kv["tokenizer.ggml.eot_token_id"]] == "<|end_of_sentence|>"
     if arch == "ernie4_5-moe":
         assert kv[f"{arch}.leading_dense_block_count"] == 1
         assert np.abs(ts["blk.1.exp_probs_b.bias"][2]).max() > 0

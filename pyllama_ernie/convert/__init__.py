@@ -3,13 +3,17 @@
     from pyllama_ernie.convert import convert
     convert("ERNIE-4.5-0.3B-PT", "ernie-0.3b-f16.gguf", outtype="f16")
 
-Supported: ``Ernie4_5ForCausalLM`` (llama.cpp ``ernie4_5``) and
-``Ernie4_5_MoeForCausalLM`` (``ernie4_5-moe``), from safetensors weights and a
-SentencePiece ``tokenizer.model`` (or a BPE ``tokenizer.json`` with byte fallback);
-output types f32, f16, bf16 and q8_0.
+Supported: ``Ernie4_5ForCausalLM`` (llama.cpp ``ernie4_5``),
+``Ernie4_5_MoeForCausalLM`` (``ernie4_5-moe``) and the language model of
+``Ernie4_5_VLMoeForConditionalGeneration`` (``ernie4_5-vl-moe``, read by our patched
+llama.cpp; HF-native or Baidu's original config.json), from safetensors weights and
+a SentencePiece ``tokenizer.model`` (or a BPE ``tokenizer.json`` with byte fallback);
+output types f32, f16, bf16 and q8_0. The architecture is taken from config.json.
 
-The output loads in an unpatched llama.cpp (same keys, tensor names, shapes and
-types as llama.cpp's ``convert_hf_to_gguf.py``, with the shared-expert width fixed).
+The text models' output loads in an unpatched llama.cpp (same keys, tensor names,
+shapes and types as llama.cpp's ``convert_hf_to_gguf.py``, with the shared-expert
+width fixed, plus ``tokenizer.ggml.eot_token_id`` = ``<|end_of_sentence|>`` so that
+generation stops at the end of an assistant turn).
 Tensors are streamed, so memory stays at about one block of rows. Any failure
 raises :class:`ConversionError` and leaves no output file.
 
@@ -25,16 +29,26 @@ from typing import Optional
 
 import gguf
 
-from . import ernie4_5
+from . import ernie4_5, ernie4_5_vl
 from .errors import ConversionError
 from .hfconfig import HFConfig, load_config
 from .safetensors_reader import Checkpoint
 from .tokenizer import Vocab, load_vocab
 from .writer import OUTTYPES, GGUFOutput, ProgressFn, TensorSpec
 
-__all__ = ["convert", "ConversionError", "OUTTYPES", "write_gguf"]
+__all__ = ["convert", "ConversionError", "OUTTYPES", "write_gguf", "arch_module"]
 
 logger = logging.getLogger(__name__)
+
+# llama.cpp architecture -> the module that writes it (gguf_arch, add_hparams, tensor_specs)
+_ARCH_MODULES = {ernie4_5.ARCH_DENSE: ernie4_5, ernie4_5.ARCH_MOE: ernie4_5, ernie4_5_vl.ARCH_VL: ernie4_5_vl}
+
+
+def arch_module(hf: HFConfig):
+    """The converter module for a loaded config (dispatch on config.json's architecture)."""
+    if hf.architecture in ernie4_5_vl.ARCHITECTURES:
+        return ernie4_5_vl
+    return ernie4_5
 
 
 def write_gguf(
@@ -73,7 +87,7 @@ def write_gguf(
     w.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(w)
 
-    ernie4_5.add_hparams(w, hf.text, arch)
+    _ARCH_MODULES[arch].add_hparams(w, hf.text, arch)
     w.add_file_type(OUTTYPES[outtype][1])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     vocab.add_to_gguf(w)
@@ -101,9 +115,10 @@ def convert(
     if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir} is not a folder (give the folder of a Hugging Face checkpoint).")
     hf = load_config(hf_dir)
-    arch = ernie4_5.gguf_arch(hf)
+    module = arch_module(hf)
+    arch = module.gguf_arch(hf)
     with Checkpoint(hf_dir) as ckpt:
-        specs = ernie4_5.tensor_specs(hf, ckpt, outtype)
+        specs = module.tensor_specs(hf, ckpt, outtype)
         vocab = load_vocab(hf_dir, hf.text.vocab_size)
         return write_gguf(
             out_path,

@@ -136,8 +136,9 @@ def choose_qtype(name: str, shape: tuple[int, ...], default: Q) -> Q:
     """The tensor type llama.cpp's converter would pick for ``name`` under ``default``."""
     if len(shape) <= 1 or name.endswith("_norm.weight"):
         return Q.F32  # norms and 1-D tensors: F32
-    if name.endswith((".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight")) or not name.endswith(".weight"):
-        return Q.F32  # routers, biases and exp_probs_b: F32
+    if name.endswith((".ffn_gate_inp.weight", ".ffn_gate_inp_shexp.weight", ".ffn_gate_inp_vl.weight")) \
+            or not name.endswith(".weight"):
+        return Q.F32  # routers (the VL vision router too), biases and exp_probs_b: F32
     if default == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
         return Q.F16  # rows that Q8_0 cannot split into blocks: F16, as upstream falls back
     return default

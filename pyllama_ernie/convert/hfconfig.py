@@ -5,10 +5,23 @@ parser here that turns the raw JSON into a :class:`TextConfig`: one flat record 
 what the language model needs, with the defaults transformers' config classes use
 when a key is absent, so a converted file matches what transformers would build.
 
-To support another architecture (e.g. ERNIE 4.5 VL, whose config exists in an
-HF-native form with ``text_config``/``vision_config`` and in Baidu's original
-remote-code form), add a parser and register it in ``_PARSERS``; a parser may fill
-``HFConfig.extra`` with whatever else its converter module needs.
+ERNIE 4.5 VL (``Ernie4_5_VLMoeForConditionalGeneration``) comes in two config
+formats, both normalised here into the same :class:`TextConfig` (plus vision facts
+in ``HFConfig.extra``):
+
+* HF-native (transformers >= 5): ``text_config`` / ``vision_config``,
+  ``rope_parameters.mrope_section`` ([h, w, t] rope pairs), ``mlp_layer_types``,
+  one ``moe_num_experts`` for both pools, ``moe_intermediate_size`` [text, vision];
+* Baidu's original remote-code config (``model_type`` ``ernie4_5_moe_vl``, flat):
+  ``moe_num_experts`` / ``moe_intermediate_size`` as [text, vision] lists,
+  ``moe_layer_start_index`` / ``moe_layer_end_index`` (int or per-modality list) and
+  ``moe_layer_interval``, ``freq_allocation`` (the t share of the rope pairs;
+  h = w = (head_dim / 2 - t) / 2), ``rope_3d``, and a ``vision_config`` with
+  ``embed_dim`` / ``depth`` / ``num_heads`` / ``mlp_ratio``. Keys it leaves out get
+  the defaults of Baidu's remote-code config class.
+
+To support another architecture, add a parser and register it in ``_PARSERS``; a
+parser returns a TextConfig, or (TextConfig, extra) to fill ``HFConfig.extra``.
 """
 
 from __future__ import annotations
@@ -34,6 +47,10 @@ class MoeConfig:
     layer_start: int  # moe_layer_start_index
     layer_end: int  # moe_layer_end_index (resolved: -1 -> last layer)
     layer_interval: int  # moe_layer_interval
+    # ERNIE 4.5 VL: the vision expert pool (experts n_experts .. n_experts + n_experts_vl - 1)
+    n_experts_vl: int | None = None  # moe_num_experts[1]
+    expert_ff_vl: int | None = None  # moe_intermediate_size[1]
+    layers: tuple[int, ...] | None = None  # explicit MoE layers (HF-native VL: mlp_layer_types)
 
     @property
     def shared_ff(self) -> int:
@@ -41,7 +58,9 @@ class MoeConfig:
         return self.expert_ff * self.n_shared
 
     def moe_layers(self, n_layers: int) -> list[int]:
-        """Indices of the MoE layers, by transformers' rule."""
+        """Indices of the MoE layers, by transformers' rule (or as listed in the config)."""
+        if self.layers is not None:
+            return list(self.layers)
         return [
             i
             for i in range(n_layers)
@@ -68,6 +87,7 @@ class TextConfig:
     tie_word_embeddings: bool
     use_bias: bool
     moe: MoeConfig | None = None
+    mrope_section: tuple[int, int, int] | None = None  # ERNIE 4.5 VL: rope pairs per axis, [h, w, t]
 
 
 @dataclass
@@ -205,14 +225,273 @@ def _parse_ernie4_5_moe(cfg: dict[str, Any]) -> TextConfig:
     return text
 
 
+# -- ERNIE 4.5 VL ------------------------------------------------------------------------------
+
+VL_ARCHITECTURE = "Ernie4_5_VLMoeForConditionalGeneration"
+
+# transformers' Ernie4_5_VLMoeConfig defaults for the special token ids
+_VL_TOKEN_DEFAULTS = {
+    "image_token_id": 100295, "image_start_token_id": 101304, "image_end_token_id": 101305,
+    "video_token_id": 103367, "video_start_token_id": 101306, "video_end_token_id": 101307,
+}
+
+
+def _int_pair(cfg: dict[str, Any], key: str, default: Any) -> tuple[int, int]:
+    """A [text, vision] pair given as a list of two integers or one integer for both."""
+    val = _value(cfg, key, default)
+    if isinstance(val, list) and len(val) == 1:
+        val = val[0]
+    if isinstance(val, int) and not isinstance(val, bool):
+        return val, val
+    if (isinstance(val, list) and len(val) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in val)):
+        return val[0], val[1]
+    raise ConversionError(f"config.json: {key!r} should be an integer or a [text, vision] pair, not {val!r}.")
+
+
+def _int_list(cfg: dict[str, Any], key: str, default: Any) -> list[int]:
+    val = _value(cfg, key, default)
+    vals = val if isinstance(val, list) else [val]
+    if not vals or not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        raise ConversionError(f"config.json: {key!r} should be an integer or a list of integers, not {val!r}.")
+    return vals
+
+
+def _vl_checks(text: TextConfig, hidden_act: Any) -> None:
+    if hidden_act not in (None, "silu"):
+        raise ConversionError(f"config.json: hidden_act {hidden_act!r} is not supported; ERNIE 4.5 VL uses silu.")
+    if text.rope_scaling is not None:
+        raise ConversionError(
+            f"config.json asks for rope scaling {text.rope_scaling!r}; the 3-D rope layout of ernie4_5-vl-moe "
+            "cannot be scaled (llama.cpp refuses it), so this converter does not write it."
+        )
+    moe = text.moe
+    assert moe is not None and moe.n_experts_vl is not None and moe.expert_ff_vl is not None
+    for what, v in (("text experts", moe.n_experts), ("vision experts", moe.n_experts_vl),
+                    ("text expert width", moe.expert_ff), ("vision expert width", moe.expert_ff_vl)):
+        if v < 1:
+            raise ConversionError(f"config.json: the number of {what} must be at least 1, got {v}.")
+    if moe.top_k > min(moe.n_experts, moe.n_experts_vl):
+        raise ConversionError(
+            f"config.json: moe_k ({moe.top_k}) exceeds the number of experts "
+            f"({moe.n_experts} text, {moe.n_experts_vl} vision)."
+        )
+    if moe.n_shared < 0:
+        raise ConversionError(f"config.json: moe_num_shared_experts must be at least 0, got {moe.n_shared}.")
+    h, w, t = text.mrope_section or (0, 0, 0)
+    half = text.head_dim // 2
+    if text.head_dim % 2 or min(h, w, t) < 0 or h + w + t != half or h != w:
+        raise ConversionError(
+            f"config.json: the 3-D rope sections [h, w, t] = {[h, w, t]} do not fit head_dim {text.head_dim} "
+            f"(need h == w and h + w + t == head_dim / 2 = {half})."
+        )
+
+
+def _parse_vl_hf(raw: dict[str, Any]) -> tuple[TextConfig, dict[str, Any]]:
+    """The HF-native (transformers >= 5) Ernie4_5_VLMoeConfig."""
+    cfg = raw["text_config"]
+    if not isinstance(cfg, dict):
+        raise ConversionError("config.json: text_config is not a JSON object.")
+    text = _ernie_common(cfg, dense=False)
+    # the composite model's flag decides whether lm_head is tied (transformers reads config.tie_word_embeddings)
+    tie = raw.get("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
+    if not isinstance(tie, bool):
+        raise ConversionError(f"config.json: 'tie_word_embeddings' should be true or false, not {tie!r}.")
+    text.tie_word_embeddings = tie
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    section = params.get("mrope_section", [22, 22, 20]) if isinstance(params, dict) else None
+    if not (isinstance(section, list) and len(section) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in section)):
+        raise ConversionError(f"config.json: mrope_section should be three integers [h, w, t], not {section!r}.")
+    text.mrope_section = (section[0], section[1], section[2])
+    if text.rope_scaling is not None and text.rope_scaling.get("rope_type") == "mrope":
+        text.rope_scaling = None  # transformers' old name for the default multimodal rope
+
+    n = text.n_layers
+    types = _value(cfg, "mlp_layer_types", ["dense"] + ["sparse"] * (n - 1))
+    if not isinstance(types, list) or len(types) != n or not all(t in ("dense", "sparse") for t in types):
+        raise ConversionError(
+            f"config.json: mlp_layer_types should list 'dense' or 'sparse' for each of the {n} layers, not {types!r}."
+        )
+    layers = tuple(i for i, t in enumerate(types) if t == "sparse")
+    n_text, n_vision = _int_pair(cfg, "moe_num_experts", 64)
+    ff_text, ff_vision = _int_pair(cfg, "moe_intermediate_size", [1536, 512])
+    # transformers' default is 2; an explicit null means none (as its conversion script writes it)
+    n_shared = 0 if "moe_num_shared_experts" in cfg and cfg["moe_num_shared_experts"] is None else \
+        _int(cfg, "moe_num_shared_experts", 2)
+    text.moe = MoeConfig(
+        n_experts=n_text,
+        top_k=_int(cfg, "moe_k", 6, minimum=1),
+        n_shared=n_shared,
+        expert_ff=ff_text,
+        layer_start=layers[0] if layers else n,
+        layer_end=layers[-1] if layers else n - 1,
+        layer_interval=1,
+        n_experts_vl=n_vision,
+        expert_ff_vl=ff_vision,
+        layers=layers,
+    )
+    _vl_checks(text, cfg.get("hidden_act"))
+    extra: dict[str, Any] = {"format": "hf"}
+    for key, default in _VL_TOKEN_DEFAULTS.items():
+        extra[key] = _int(raw, key, default)
+    vision = raw.get("vision_config") or {}
+    if isinstance(vision, dict):
+        extra["vision"] = {k: vision.get(k) for k in ("depth", "hidden_size", "intermediate_size", "num_heads",
+                                                      "patch_size", "spatial_merge_size", "temporal_merge_size")}
+    return text, extra
+
+
+def _parse_vl_baidu(raw: dict[str, Any]) -> tuple[TextConfig, dict[str, Any]]:
+    """Baidu's original remote-code config (model_type ernie4_5_moe_vl): flat keys, remote-code defaults."""
+    cfg = dict(raw)
+    hidden = _int(cfg, "hidden_size", minimum=1)
+    n_heads = _int(cfg, "num_attention_heads", minimum=1)
+    n_kv = _int(cfg, "num_key_value_heads", n_heads, minimum=1)
+    if n_heads % n_kv:
+        raise ConversionError(f"config.json: num_attention_heads ({n_heads}) is not a multiple of num_key_value_heads ({n_kv}).")
+    head_dim = cfg.get("head_dim")
+    head_dim_in_config = head_dim is not None
+    if head_dim is None:
+        if hidden % n_heads:
+            raise ConversionError(f"config.json: hidden_size ({hidden}) is not a multiple of num_attention_heads ({n_heads}).")
+        head_dim = hidden // n_heads
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim <= 0:
+        raise ConversionError(f"config.json: head_dim has an unexpected value {head_dim!r}.")
+    if not _bool(cfg, "rope_3d", True):
+        raise ConversionError("config.json sets rope_3d=false; only the 3-D rope of ERNIE 4.5 VL is supported.")
+
+    # rope: rope_theta at the top level; rope_scaling, when saved, only restates the 3-D rope
+    theta = _float(cfg, "rope_theta", 10000.0)  # Baidu's Ernie4_5_Config default
+    if theta <= 0:
+        raise ConversionError(f"config.json: rope_theta has an unexpected value {theta!r}.")
+    t_share = _int(cfg, "freq_allocation", 20, minimum=0)
+    scaling = cfg.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise ConversionError(f"config.json: rope_scaling has an unexpected value {scaling!r}.")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in (None, "default", "ernie_3d", "mrope", "3d"):
+        raise ConversionError(
+            f"config.json asks for rope scaling {scaling!r}; the 3-D rope layout of ernie4_5-vl-moe "
+            "cannot be scaled (llama.cpp refuses it), so this converter does not write it."
+        )
+    if "freq_allocation" in scaling and scaling["freq_allocation"] != t_share:
+        raise ConversionError(
+            f"config.json: rope_scaling.freq_allocation ({scaling['freq_allocation']}) contradicts "
+            f"freq_allocation ({t_share})."
+        )
+    rest = head_dim // 2 - t_share
+    if rest < 0 or rest % 2:
+        raise ConversionError(
+            f"config.json: freq_allocation {t_share} does not split head_dim {head_dim} into equal h and w "
+            f"rope sections (head_dim / 2 - freq_allocation = {rest} must be even and not negative)."
+        )
+    section = (rest // 2, rest // 2, t_share)
+    if "mrope_section" in scaling and list(scaling["mrope_section"]) != list(section):
+        raise ConversionError(
+            f"config.json: rope_scaling.mrope_section {scaling['mrope_section']} contradicts "
+            f"freq_allocation {t_share} (which gives {list(section)})."
+        )
+    gate_act = cfg.get("moe_gate_act", "softmax")
+    if gate_act != "softmax":
+        raise ConversionError(f"config.json: moe_gate_act {gate_act!r} is not supported (ERNIE 4.5 VL routes with softmax).")
+
+    n = _int(cfg, "num_hidden_layers", minimum=1)
+    text = TextConfig(
+        vocab_size=_int(cfg, "vocab_size", 32000, minimum=1),
+        hidden_size=hidden,
+        intermediate_size=_int(cfg, "intermediate_size", minimum=1),
+        n_layers=n,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        head_dim_in_config=head_dim_in_config,
+        max_position_embeddings=_int(cfg, "max_position_embeddings", 32768, minimum=1),
+        rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=None,
+        tie_word_embeddings=_bool(cfg, "tie_word_embeddings", False),
+        use_bias=_bool(cfg, "use_bias", False),
+        mrope_section=section,
+    )
+
+    # MoE layers: (i + 1) % interval == 0 and min(start) <= i <= max(end), as transformers' conversion
+    # and Baidu's code build them; with per-modality lists each pool exists only in its own range
+    n_text, n_vision = _int_pair(cfg, "moe_num_experts", 0)
+    if n_text < 1 or n_vision < 1:
+        raise ConversionError(f"config.json: moe_num_experts {cfg.get('moe_num_experts')!r} leaves no text or vision experts.")
+    ff_text, ff_vision = _int_pair(cfg, "moe_intermediate_size", 0)
+    interval = _int(cfg, "moe_layer_interval", 2, minimum=1)
+    starts = _int_list(cfg, "moe_layer_start_index", 0)
+    ends = [n - 1 if e == -1 else e for e in _int_list(cfg, "moe_layer_end_index", -1)]
+    if len(starts) != len(ends) and 1 in (len(starts), len(ends)):
+        starts, ends = starts * (len(ends) if len(starts) == 1 else 1), ends * (len(starts) if len(ends) == 1 else 1)
+    if len(starts) != len(ends) or len(starts) > 2:
+        raise ConversionError(
+            f"config.json: moe_layer_start_index {cfg.get('moe_layer_start_index')!r} and moe_layer_end_index "
+            f"{cfg.get('moe_layer_end_index')!r} should be integers or [text, vision] pairs."
+        )
+    ranges = [(s, min(e, n - 1)) for s, e in zip(starts, ends)]
+    per_pool = {tuple(i for i in range(n) if (i + 1) % interval == 0 and s <= i <= e) for s, e in ranges}
+    if len(per_pool) > 1:
+        raise ConversionError(
+            f"config.json: moe_layer_start_index {cfg.get('moe_layer_start_index')!r} / moe_layer_end_index "
+            f"{cfg.get('moe_layer_end_index')!r} give the text and vision experts different layers; "
+            "llama.cpp's ernie4_5-vl-moe has both pools in every MoE layer."
+        )
+    lo, hi = min(starts), max(ends)
+    layers = tuple(i for i in range(n) if (i + 1) % interval == 0 and lo <= i <= hi)
+    text.moe = MoeConfig(
+        n_experts=n_text,
+        top_k=_int(cfg, "moe_k", 2, minimum=1),
+        n_shared=_int(cfg, "moe_num_shared_experts", 0),
+        expert_ff=ff_text,
+        layer_start=lo,
+        layer_end=min(hi, n - 1),
+        layer_interval=interval,
+        n_experts_vl=n_vision,
+        expert_ff_vl=ff_vision,
+        layers=layers,
+    )
+    _vl_checks(text, cfg.get("hidden_act"))
+    extra: dict[str, Any] = {"format": "baidu"}
+    for key, default in _VL_TOKEN_DEFAULTS.items():
+        extra[key] = _int(raw, "im_patch_id" if key == "image_token_id" else key, default)
+    vision = raw.get("vision_config") or {}
+    if isinstance(vision, dict):
+        width = vision.get("embed_dim")  # Baidu's vision "hidden_size" is not the ViT width
+        ratio = vision.get("mlp_ratio")
+        extra["vision"] = {
+            "depth": vision.get("depth"), "hidden_size": width,
+            "intermediate_size": int(width * ratio) if isinstance(width, int) and isinstance(ratio, (int, float)) else None,
+            "num_heads": vision.get("num_heads"), "patch_size": vision.get("patch_size"),
+            "spatial_merge_size": vision.get("spatial_merge_size"),
+            "temporal_merge_size": raw.get("temporal_conv_size"),
+        }
+    return text, extra
+
+
+def _parse_ernie4_5_vl(raw: dict[str, Any]) -> tuple[TextConfig, dict[str, Any]]:
+    if "text_config" in raw:
+        return _parse_vl_hf(raw)
+    return _parse_vl_baidu(raw)
+
+
 # architectures[0] -> parser. Baidu's remote code calls the dense model "Ernie4_5_ForCausalLM".
-_PARSERS: dict[str, Callable[[dict[str, Any]], TextConfig]] = {
+# A parser returns a TextConfig, or (TextConfig, extra) for HFConfig.extra.
+_PARSERS: dict[str, Callable[[dict[str, Any]], TextConfig | tuple[TextConfig, dict[str, Any]]]] = {
     "Ernie4_5ForCausalLM": _parse_ernie4_5,
     "Ernie4_5_ForCausalLM": _parse_ernie4_5,
     "Ernie4_5_MoeForCausalLM": _parse_ernie4_5_moe,
+    VL_ARCHITECTURE: _parse_ernie4_5_vl,
 }
-# config.json without "architectures": guess from model_type
-_MODEL_TYPES = {"ernie4_5": "Ernie4_5ForCausalLM", "ernie4_5_moe": "Ernie4_5_MoeForCausalLM"}
+# config.json without "architectures": guess from model_type (HF-native and Baidu's VL names)
+_MODEL_TYPES = {
+    "ernie4_5": "Ernie4_5ForCausalLM",
+    "ernie4_5_moe": "Ernie4_5_MoeForCausalLM",
+    "ernie4_5_vl_moe": VL_ARCHITECTURE,
+    "ernie4_5_moe_vl": VL_ARCHITECTURE,
+}
 
 SUPPORTED_ARCHITECTURES = tuple(_PARSERS)
 
@@ -233,7 +512,9 @@ def parse_config(raw: dict[str, Any], path: Path | None = None) -> HFConfig:
         raise ConversionError(
             f"unsupported architecture {arch!r}; this converter handles {', '.join(sorted(set(_PARSERS)))}."
         )
-    return HFConfig(path=path or Path("config.json"), architecture=arch, raw=raw, text=parser(raw))
+    parsed = parser(raw)
+    text, extra = parsed if isinstance(parsed, tuple) else (parsed, {})
+    return HFConfig(path=path or Path("config.json"), architecture=arch, raw=raw, text=text, extra=extra)
 
 
 def load_config(hf_dir: str | Path) -> HFConfig:

@@ -1,7 +1,8 @@
 """Tiny random-weight ERNIE 4.5 GGUF files, for self-checks and tests.
 
-``write_tiny_gguf("ernie4_5", path)`` / ``write_tiny_gguf("ernie4_5-moe", path)``
-writes a small, valid model without torch, downloads or sentencepiece: the
+``write_tiny_gguf(arch, path)`` for ``"ernie4_5"``, ``"ernie4_5-moe"`` or
+``"ernie4_5-vl-moe"`` writes a small, valid model without torch, downloads or
+sentencepiece: the
 weights are random (seeded), named as a Hugging Face checkpoint would name them,
 and go through the converter's own config parsing, tensor mapping and writer;
 the vocabulary is a small SentencePiece-style ("llama") one written directly:
@@ -12,6 +13,11 @@ special tokens, so tokenizing and generating work.
 Shapes: hidden 64, 4 heads (2 KV heads, head_dim 16), FFN 128, 2 layers (dense);
 the MoE model has 3 layers (layer 0 dense), 4 experts (top-2, width 32), one
 shared expert and a non-zero expert-selection bias (``exp_probs_b``).
+The VL model (language model only, config in Baidu's flat format) has 4 layers
+(layer 0 dense, then MoE), 4 text experts of width 32 and 6 vision experts of
+width 16 (top-2), one shared expert, both selection biases non-zero, and the 3-D
+rope split [h, w, t] = [3, 3, 2] pairs (GGUF sections [2, 3, 3, 0]) with its
+permuted Q/K and ``rope_freqs``; its vocabulary has the image/video tokens.
 """
 
 from __future__ import annotations
@@ -22,14 +28,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import ernie4_5, write_gguf
+from . import arch_module, write_gguf
 from .errors import ConversionError
 from .hfconfig import parse_config
 from .tokenizer import TokenType, Vocab
 
 __all__ = ["write_tiny_gguf", "tiny_config", "tiny_vocab", "ARCHS", "CHAT_TEMPLATE"]
 
-ARCHS = ("ernie4_5", "ernie4_5-moe")
+ARCHS = ("ernie4_5", "ernie4_5-moe", "ernie4_5-vl-moe")
 
 CHAT_TEMPLATE = (
     "{%- if not add_generation_prompt is defined -%}{%- set add_generation_prompt = true -%}{%- endif -%}"
@@ -56,6 +62,7 @@ _CONTROL = [
     "<|IMAGE_PLACEHOLDER|>", "<|IMAGE_START|>", "<|IMAGE_END|>", "<|VIDEO_START|>", "<|VIDEO_END|>",
 ]
 _USER_DEFINED = ["<think>", "</think>"]
+_CONTROL_LATE = ["<|VIDEO_PLACEHOLDER|>"]  # after the user-defined ones, so earlier ids stay as they were
 
 
 def tiny_vocab() -> Vocab:
@@ -92,6 +99,10 @@ def tiny_vocab() -> Vocab:
         tokens.append(t)
         types.append(TokenType.USER_DEFINED)
         scores.append(0.0)
+    for t in _CONTROL_LATE:
+        tokens.append(t)
+        types.append(TokenType.CONTROL)
+        scores.append(0.0)
     ids = {t: i for i, t in enumerate(tokens)}
     return Vocab(
         tokens=[t.encode("utf-8") for t in tokens],
@@ -101,6 +112,7 @@ def tiny_vocab() -> Vocab:
         special_ids={
             "bos": ids["<s>"], "eos": ids["</s>"], "unk": ids["<unk>"],
             "sep": ids["<|end_of_sentence|>"], "pad": ids["<unk>"], "mask": ids["<mask:1>"],
+            "eot": ids["<|end_of_sentence|>"],
         },
         add_special={"bos": False, "eos": False},
         chat_template=CHAT_TEMPLATE,
@@ -108,8 +120,11 @@ def tiny_vocab() -> Vocab:
     )
 
 
-def tiny_config(arch: str, vocab_size: int) -> dict[str, Any]:
-    """The config.json (as a dict) of the tiny model for ``arch``."""
+def tiny_config(arch: str, vocab_size: int, token_ids: dict[str, int] | None = None) -> dict[str, Any]:
+    """The config.json (as a dict) of the tiny model for ``arch``.
+
+    ``token_ids`` (token text -> id) places the VL model's image/video token ids.
+    """
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
@@ -124,6 +139,26 @@ def tiny_config(arch: str, vocab_size: int) -> dict[str, Any]:
                     num_hidden_layers=3, tie_word_embeddings=False, moe_num_experts=4, moe_k=2,
                     moe_num_shared_experts=1, moe_intermediate_size=32, moe_layer_start_index=1,
                     moe_layer_end_index=-1, moe_layer_interval=1)
+    if arch == "ernie4_5-vl-moe":
+        ids = token_ids or {}
+        special = {
+            key: ids[tok] for key, tok in (
+                ("im_patch_id", "<|IMAGE_PLACEHOLDER|>"), ("image_start_token_id", "<|IMAGE_START|>"),
+                ("image_end_token_id", "<|IMAGE_END|>"), ("video_token_id", "<|VIDEO_PLACEHOLDER|>"),
+                ("video_start_token_id", "<|VIDEO_START|>"), ("video_end_token_id", "<|VIDEO_END|>"),
+            ) if tok in ids
+        }
+        # Baidu's flat remote-code format: it can give the two expert pools different sizes
+        return dict(
+            {k: v for k, v in common.items() if k != "rope_parameters"}, **special,
+            architectures=["Ernie4_5_VLMoeForConditionalGeneration"], model_type="ernie4_5_moe_vl",
+            num_hidden_layers=4, tie_word_embeddings=True, rope_theta=500000.0, rope_3d=True, freq_allocation=2,
+            moe_num_experts=[4, 6], moe_intermediate_size=[32, 16], moe_k=2, moe_num_shared_experts=1,
+            moe_layer_start_index=[1, 1], moe_layer_end_index=[3, 3], moe_layer_interval=1,
+            vision_config={"depth": 1, "embed_dim": 16, "hidden_size": 64, "mlp_ratio": 2, "num_heads": 2,
+                           "patch_size": 14, "spatial_merge_size": 2, "in_channels": 3},
+            pixel_hidden_size=16, spatial_conv_size=2, temporal_conv_size=2,
+        )
     raise ConversionError(f"no tiny model for architecture {arch!r}; choose one of {', '.join(ARCHS)}.")
 
 
@@ -166,7 +201,23 @@ def _random_weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
         a[p + "self_attn.v_proj.weight"] = w(t.n_kv_heads * hd, H)
         a[p + "self_attn.o_proj.weight"] = w(H, t.n_heads * hd)
         a[p + "post_attention_layernorm.weight"] = norm()
-        if i in moe_layers:
+        if i in moe_layers and t.moe is not None and t.moe.n_experts_vl is not None:
+            m = t.moe
+            assert m.expert_ff_vl is not None
+            # the HF/Baidu VL layout: routers stored transposed, biases [2, E], vision experts after the text ones
+            a[p + "mlp.gate.weight"] = w(H, m.n_experts, std=0.5)
+            a[p + "mlp.gate.weight_1"] = w(H, m.n_experts_vl, std=0.5)
+            a[p + "mlp.moe_statics.e_score_correction_bias"] = w(2, max(m.n_experts, m.n_experts_vl), std=0.05)
+            for e in range(m.n_experts + m.n_experts_vl):
+                ff = m.expert_ff if e < m.n_experts else m.expert_ff_vl
+                a[p + f"mlp.experts.{e}.gate_proj.weight"] = w(ff, H)
+                a[p + f"mlp.experts.{e}.up_proj.weight"] = w(ff, H)
+                a[p + f"mlp.experts.{e}.down_proj.weight"] = w(H, ff)
+            if m.n_shared:
+                a[p + "mlp.shared_experts.gate_proj.weight"] = w(m.shared_ff, H)
+                a[p + "mlp.shared_experts.up_proj.weight"] = w(m.shared_ff, H)
+                a[p + "mlp.shared_experts.down_proj.weight"] = w(H, m.shared_ff)
+        elif i in moe_layers:
             m = t.moe
             assert m is not None
             a[p + "mlp.gate.weight"] = w(m.n_experts, H, std=0.5)
@@ -186,17 +237,21 @@ def _random_weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
     a["model.norm.weight"] = norm()
     if not t.tie_word_embeddings:
         a["lm_head.weight"] = w(V, H, std=0.5)
+    if t.mrope_section is not None:  # a vision-tower tensor, which the language-model converter skips
+        a["vision_model.ln.weight"] = np.ones(16, dtype=np.float32)
     return a
 
 
 def write_tiny_gguf(arch: str, path: str | os.PathLike[str], *, seed: int = 0, outtype: str = "f32") -> Path:
-    """Write a tiny random ``ernie4_5`` or ``ernie4_5-moe`` model to ``path``; returns the path."""
+    """Write a tiny random ``ernie4_5``, ``ernie4_5-moe`` or ``ernie4_5-vl-moe`` model to ``path``; returns the path."""
     vocab = tiny_vocab()
-    cfg = tiny_config(arch, len(vocab.tokens))
+    ids = {t.decode("utf-8"): i for i, t in enumerate(vocab.tokens)}
+    cfg = tiny_config(arch, len(vocab.tokens), ids)
     hf = parse_config(cfg)
+    module = arch_module(hf)
     src = _ArraySource(_random_weights(cfg, seed))
-    specs = ernie4_5.tensor_specs(hf, src, outtype)
+    specs = module.tensor_specs(hf, src, outtype)
     return write_gguf(
-        path, hf=hf, arch=ernie4_5.gguf_arch(hf), outtype=outtype, specs=specs, vocab=vocab,
+        path, hf=hf, arch=module.gguf_arch(hf), outtype=outtype, specs=specs, vocab=vocab,
         name=f"tiny-{arch}-seed{seed}",
     )

@@ -14,6 +14,8 @@ needs, per token id: the piece text, a score (higher merges first) and a type.
 
 Special token ids, add-BOS/EOS flags and the chat template come from gguf's
 ``SpecialVocab`` (tokenizer_config.json, tokenizer.json, chat_template.jinja, config.json).
+In addition ``<|end_of_sentence|>``, which ends every assistant turn of ERNIE's chat
+template, becomes ``tokenizer.ggml.eot_token_id`` so llama.cpp stops generating there.
 """
 
 from __future__ import annotations
@@ -188,6 +190,7 @@ def _does_token_look_special(text: str) -> bool:
 
 
 _SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "mask")
+EOT_TOKEN = "<|end_of_sentence|>"  # written as tokenizer.ggml.eot_token_id when the vocabulary has it
 _BYTE_PIECE = re.compile(r"^<0x[0-9A-F]{2}>$")
 
 
@@ -399,6 +402,10 @@ def load_vocab(hf_dir: str | Path, vocab_size: int) -> Vocab:
 
     # keep only what this gguf can write (SpecialVocab may add eot/eom from a TemplateProcessing)
     special_ids = {t: i for t, i in special.special_token_ids.items() if hasattr(gguf.GGUFWriter, f"add_{t}_token_id")}
+    # an assistant turn ends with <|end_of_sentence|> (the chat template's sep_token); llama.cpp stops
+    # generating only at its end-of-generation tokens, so name it as the end-of-turn token
+    if "eot" not in special_ids and EOT_TOKEN.encode() in seen:
+        special_ids["eot"] = seen[EOT_TOKEN.encode()]
     add_special = {t: v for t, v in special.add_special_token.items() if hasattr(gguf.GGUFWriter, f"add_add_{t}_token")}
 
     for note in notes:
