@@ -30,7 +30,6 @@ _EXPORTS = {
     "SamplingParams": "context",
     "system_info": "system",
     "set_log_level": "_lib",
-    "quantize": "quantize",
     "ErnieError": "errors",
     "ModelLoadError": "errors",
     "InvalidModelFileError": "errors",
@@ -65,5 +64,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (BusyError, ClosedError, ContextError, DecodeError, ErnieError, InvalidModelFileError,
                          ModelLoadError, PromptTooLongError, QuantizeError, TokenizeError)
     from .model import Model
-    from .quantize import quantize
     from .system import system_info

@@ -43,12 +43,26 @@ enum llama_split_mode { LLAMA_SPLIT_MODE_NONE, LLAMA_SPLIT_MODE_LAYER, LLAMA_SPL
 enum llama_load_mode {
     LLAMA_LOAD_MODE_AUTO, LLAMA_LOAD_MODE_NONE, LLAMA_LOAD_MODE_MMAP, LLAMA_LOAD_MODE_MLOCK, ...
 };
+enum llama_rope_type {
+    LLAMA_ROPE_TYPE_NONE, LLAMA_ROPE_TYPE_NORM, LLAMA_ROPE_TYPE_NEOX,
+    LLAMA_ROPE_TYPE_MROPE, LLAMA_ROPE_TYPE_IMROPE, LLAMA_ROPE_TYPE_VISION, ...
+};
 enum llama_vocab_type { LLAMA_VOCAB_TYPE_NONE, LLAMA_VOCAB_TYPE_SPM, LLAMA_VOCAB_TYPE_BPE, ... };
 enum llama_ftype {
     LLAMA_FTYPE_ALL_F32, LLAMA_FTYPE_MOSTLY_F16, LLAMA_FTYPE_MOSTLY_Q8_0,
     LLAMA_FTYPE_MOSTLY_Q4_0, LLAMA_FTYPE_MOSTLY_Q4_K_M, LLAMA_FTYPE_MOSTLY_Q5_K_M,
     LLAMA_FTYPE_MOSTLY_Q6_K, LLAMA_FTYPE_MOSTLY_BF16, ...
 };
+
+enum ggml_tensor_flag { GGML_TENSOR_FLAG_COMPUTE, ... };
+struct ggml_tensor {
+    int32_t flags;
+    struct ggml_tensor * src[...];
+    char name[...];
+    ...;
+};
+const char * ggml_op_desc(const struct ggml_tensor * t);
+typedef bool (*ggml_backend_sched_eval_callback)(struct ggml_tensor * t, bool ask, void * user_data);
 
 typedef bool (*llama_progress_callback)(float progress, void * user_data);
 typedef bool (*ggml_abort_callback)(void * data);
@@ -76,6 +90,8 @@ struct llama_context_params {
     int32_t  n_threads;
     int32_t  n_threads_batch;
     enum llama_flash_attn_type flash_attn_type;
+    ggml_backend_sched_eval_callback cb_eval;
+    void * cb_eval_user_data;
     enum ggml_type type_k;
     enum ggml_type type_v;
     ggml_abort_callback abort_callback;
@@ -149,6 +165,7 @@ void llama_model_free(struct llama_model * model);
 const struct llama_vocab * llama_model_get_vocab(const struct llama_model * model);
 int32_t llama_model_n_ctx_train(const struct llama_model * model);
 int32_t llama_model_n_embd(const struct llama_model * model);
+enum llama_rope_type llama_model_rope_type(const struct llama_model * model);
 int32_t llama_model_n_layer(const struct llama_model * model);
 int32_t llama_model_n_head(const struct llama_model * model);
 int32_t llama_model_n_head_kv(const struct llama_model * model);
@@ -298,6 +315,7 @@ bool pyllama_ernie_abort_flag(void * data);
 /* callbacks implemented in Python (pyllama_ernie/_lib.py) */
 extern "Python" void _pyllama_ernie_log(enum ggml_log_level, const char *, void *);
 extern "Python" bool _pyllama_ernie_progress(float, void *);
+extern "Python" bool _pyllama_ernie_eval(struct ggml_tensor *, bool, void *);
 """
 
 SOURCE = r"""

@@ -116,6 +116,40 @@ def _pyllama_ernie_progress(progress: float, user_data: Any) -> bool:
     return True
 
 
+class NodeObserver:
+    """Carries a Python callable through llama.cpp's graph evaluation callback.
+
+    ``fn(name, op, src_names, computed)`` is called once per graph node as the
+    scheduler reaches it; ``computed`` says whether the node is marked for
+    compute (nodes of an unselected graph branch are not).
+    """
+
+    def __init__(self, fn: Callable[[str, str, tuple, bool], None]) -> None:
+        self.fn = fn
+        self.error: Optional[BaseException] = None
+        self.handle = ffi.new_handle(self)
+
+
+def _eval_onerror(exc: type, value: BaseException, tb: Any) -> bool:
+    return False
+
+
+@ffi.def_extern(onerror=_eval_onerror)
+def _pyllama_ernie_eval(t: Any, ask: bool, user_data: Any) -> bool:
+    if not ask:
+        return True
+    obs: NodeObserver = ffi.from_handle(user_data)
+    if obs.error is not None:
+        return False
+    try:
+        srcs = tuple(ffi.string(s.name).decode("utf-8", "replace") for s in t.src if s != ffi.NULL)
+        obs.fn(ffi.string(t.name).decode("utf-8", "replace"), c_str(lib.ggml_op_desc(t)), srcs,
+               bool(t.flags & lib.GGML_TENSOR_FLAG_COMPUTE))
+    except BaseException as e:  # keep it for the caller
+        obs.error = e
+    return False  # never ask for the node's data: no extra synchronisation
+
+
 abort_flag_callback = ffi.addressof(lib, "pyllama_ernie_abort_flag")
 
 _init_lock = threading.Lock()

@@ -12,22 +12,24 @@ unfinished stream raises BusyError instead of corrupting the stream.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import errors
+from . import _lib
 from ._lib import abort_flag_callback, ffi, lib
 from .errors import BusyError, ClosedError, ContextError, DecodeError, PromptTooLongError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import Model
 
-__all__ = ["Context", "Completion", "Timings", "SamplingParams", "default_threads"]
+__all__ = ["Context", "Completion", "Embeddings", "Timings", "SamplingParams", "default_threads"]
 
 _KV_TYPES = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16, "bf16": lib.GGML_TYPE_BF16, "q8_0": lib.GGML_TYPE_Q8_0}
 
@@ -118,6 +120,69 @@ class SamplingParams:
         return self.temperature <= 0 and self.repeat_penalty == 1.0
 
 
+class Embeddings:
+    """Input embedding rows with their rope positions, to evaluate in place of tokens.
+
+    Args:
+        data: ``(n, n_embd)`` float32 rows, one per position.
+        positions: ``(n,)`` positions, or ``(k, n)`` rows of positions for
+            multi-axis rope (for ERNIE-4.5-VL: rows ``t, h, w``, see
+            :func:`pyllama_ernie.mrope.image_positions`).
+        next_pos: the position of whatever follows (default: ``max(t) + 1``).
+
+    For ERNIE-4.5-VL an embedding batch goes through the vision experts: pass
+    image features (with the image start/end token rows around them) this way.
+    """
+
+    __slots__ = ("data", "positions", "next_pos", "key", "n")
+
+    def __init__(self, data: Any, positions: Any, next_pos: Optional[int] = None) -> None:
+        arr = np.ascontiguousarray(data, dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[0] == 0:
+            raise ValueError("embeddings must be a non-empty 2-D array (n_positions, n_embd)")
+        pos = np.asarray(positions)
+        if pos.ndim == 1:
+            pos = pos[None, :]
+        if pos.ndim != 2 or pos.shape[1] != arr.shape[0]:
+            raise ValueError(f"positions must have shape (n,) or (k, n) with n = {arr.shape[0]}")
+        if not np.issubdtype(pos.dtype, np.integer) or (pos < 0).any() or (pos >= 2**31 - 1).any():
+            raise ValueError("positions must be non-negative integers")
+        pos = np.ascontiguousarray(pos, dtype=np.int32)
+        if not np.isfinite(arr).all():
+            raise ValueError("embeddings contain NaN or infinity")
+        self.data = arr
+        self.positions = pos
+        self.n = arr.shape[0]
+        self.next_pos = int(pos[0].max()) + 1 if next_pos is None else int(next_pos)
+        if self.next_pos <= int(pos[0].max()):
+            raise ValueError("next_pos must come after every position of the embeddings")
+        h = hashlib.blake2b(arr.tobytes(), digest_size=16)
+        h.update(pos.tobytes())
+        h.update(self.next_pos.to_bytes(8, "little"))
+        self.key = h.digest()
+
+    def positions_for(self, n_rows: int) -> np.ndarray:
+        """Positions as ``n_rows`` rows (1 for plain rope, 4 for M-RoPE: t, h, w, 0)."""
+        have = self.positions.shape[0]
+        if have == n_rows:
+            return self.positions
+        if n_rows == 1:
+            return self.positions[:1]
+        out = np.zeros((n_rows, self.n), dtype=np.int32)
+        k = min(have, 3) if have > 1 else 1
+        if have == 1:
+            out[:3] = self.positions[0]
+        else:
+            out[:k] = self.positions[:k]
+        return out
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return f"<Embeddings n={self.n} width={self.data.shape[1]} next_pos={self.next_pos}>"
+
+
 class _Sampler:
     """Owns one llama.cpp sampler chain."""
 
@@ -177,6 +242,7 @@ class Context:
         n_threads_batch: Optional[int] = None,
         flash_attn: Optional[bool] = None,
         kv_cache_type: str = "f16",
+        observe_nodes: Optional[Callable[[str, str, tuple, bool], None]] = None,
     ) -> None:
         self._ptr = None
         self._batch = None
@@ -204,6 +270,12 @@ class Context:
         self._abort = ffi.new("int *", 0)
         p.abort_callback = abort_flag_callback
         p.abort_callback_data = self._abort
+        self._observer = None
+        if observe_nodes is not None:
+            # debugging aid: a Python call per graph node (slow)
+            self._observer = _lib.NodeObserver(observe_nodes)
+            p.cb_eval = lib._pyllama_ernie_eval
+            p.cb_eval_user_data = self._observer.handle
         errors.clear_log_line()
         ptr = lib.llama_init_from_model(model_ptr, p)
         if ptr == ffi.NULL:
@@ -218,7 +290,11 @@ class Context:
             b.seq_id[i][0] = 0
         self._mem = lib.llama_get_memory(ptr)
         self._n_vocab = model.n_vocab
-        self._tokens: List[int] = []  # what the KV cache holds, position i = token i
+        # what the KV cache holds: one key per position (token id, or (chunk key, row)),
+        # and the rope position that follows each
+        self._keys: List[Any] = []
+        self._next: List[int] = []
+        self._ebatch = None
         self._lock = threading.Lock()
         self._owner: Optional[int] = None
         model._register(self)
@@ -292,31 +368,91 @@ class Context:
     def reset(self) -> None:
         """Forget the KV cache."""
         with self._using():
-            lib.llama_memory_clear(self._mem, True)
-            self._tokens = []
+            self._clear()
 
-    def _decode(self, tokens: Sequence[int], start_pos: int, logits_out: Optional[List[np.ndarray]] = None) -> None:
-        """Decode ``tokens`` at positions ``start_pos...`` in batches of n_batch.
+    def _clear(self) -> None:
+        lib.llama_memory_clear(self._mem, True)
+        self._keys = []
+        self._next = []
+
+    @property
+    def n_cached(self) -> int:
+        """How many inputs (tokens or embedding rows) the KV cache holds."""
+        return len(self._keys)
+
+    def _next_pos(self) -> int:
+        return self._next[-1] if self._next else 0
+
+    def _emb_batch(self) -> Any:
+        if self._ebatch is None:
+            n, d = self.n_batch, self.model.n_embd
+            self._emb_mem = mem = {
+                "embd": ffi.new("float[]", n * d),
+                "pos": ffi.new("llama_pos[]", 4 * n),
+                "n_seq_id": ffi.new("int32_t[]", [1] * n),
+                "seq": ffi.new("llama_seq_id[]", n),
+                "logits": ffi.new("int8_t[]", n),
+            }
+            mem["seq_ptrs"] = ffi.new("llama_seq_id *[]", [mem["seq"] + i for i in range(n)])
+            eb = ffi.new("llama_batch *")
+            eb.token = ffi.NULL
+            eb.embd = mem["embd"]
+            eb.pos = mem["pos"]
+            eb.n_seq_id = mem["n_seq_id"]
+            eb.seq_id = mem["seq_ptrs"]
+            eb.logits = mem["logits"]
+            self._ebatch = eb
+        return self._ebatch
+
+    def _decode(self, units: Sequence[Any], start: int, logits_out: Optional[List[np.ndarray]] = None) -> None:
+        """Decode ``units[start:]`` (token ids and (Embeddings, row) pairs) in batches of n_batch.
 
         With ``logits_out`` every position's logits are appended to it (one array
-        per batch); otherwise only the last token's logits are computed.
+        per batch); otherwise only the last unit's logits are computed.
         """
-        ctx, b, n_batch, n_vocab = self._ptr, self._batch, self.n_batch, self._n_vocab
+        ctx, n_batch, n_vocab = self._ptr, self.n_batch, self._n_vocab
         all_logits = logits_out is not None
-        n = len(tokens)
-        i = 0
+        keys, nexts = self._keys, self._next
+        n = len(units)
+        i = start
         while i < n:
-            m = min(n_batch, n - i)
-            for j in range(m):
-                b.token[j] = tokens[i + j]
-                b.pos[j] = start_pos + i + j
-                b.logits[j] = all_logits
-            b.logits[m - 1] = all_logits or i + m == n
-            b.n_tokens = m
-            rc = lib.llama_decode(ctx, b)
-            if rc != 0:
-                self._decode_failed(rc)
-            self._tokens.extend(tokens[i:i + m])
+            u = units[i]
+            if isinstance(u, tuple):  # rows of one Embeddings chunk
+                chunk, k = u
+                m = min(n_batch, chunk.n - k, n - i)
+                b = self._emb_batch()
+                d = self.model.n_embd
+                ffi.memmove(b.embd, ffi.from_buffer(chunk.data[k:k + m]), m * d * 4)
+                npos = self.model.n_pos_per_embd
+                pos = np.frombuffer(ffi.buffer(b.pos, 4 * npos * m), dtype=np.int32).reshape(npos, m)
+                pos[:] = chunk.positions_for(npos)[:, k:k + m]
+                for j in range(m):
+                    b.logits[j] = all_logits
+                b.logits[m - 1] = all_logits or i + m == n
+                b.n_tokens = m
+                rc = lib.llama_decode(ctx, b[0])
+                if rc != 0:
+                    self._decode_failed(rc)
+                t_row = chunk.positions[0]
+                for j in range(k, k + m):
+                    keys.append((chunk.key, j))
+                    nexts.append(chunk.next_pos if j == chunk.n - 1 else int(t_row[j]) + 1)
+            else:
+                b = self._batch
+                cur = self._next_pos()
+                m = 0
+                while i + m < n and m < n_batch and not isinstance(units[i + m], tuple):
+                    b.token[m] = units[i + m]
+                    b.pos[m] = cur + m
+                    b.logits[m] = all_logits
+                    m += 1
+                b.logits[m - 1] = all_logits or i + m == n
+                b.n_tokens = m
+                rc = lib.llama_decode(ctx, b)
+                if rc != 0:
+                    self._decode_failed(rc)
+                keys.extend(units[i:i + m])
+                nexts.extend(range(cur + 1, cur + m + 1))
             if all_logits:
                 ptr = lib.llama_get_logits(ctx)
                 arr = np.frombuffer(ffi.buffer(ptr, m * n_vocab * 4), dtype=np.float32)
@@ -324,63 +460,79 @@ class Context:
             i += m
 
     def _decode_failed(self, rc: int) -> None:
-        self._after_failed_decode()
+        # Failed or aborted batches may leave part of themselves in the cache;
+        # start from a clean one rather than guess which part.
+        self._clear()
         if rc == 2 or self._abort[0]:
             self._abort[0] = 0
             raise DecodeError("decoding was cancelled", code=rc)
         errors.raise_error(DecodeError, "llama_decode", rc)
 
-    def _after_failed_decode(self) -> None:
-        # Failed or aborted batches may leave part of themselves in the cache:
-        # trust the cache only up to what llama.cpp reports.
-        pos_max = int(lib.llama_memory_seq_pos_max(self._mem, 0))
-        keep = max(0, min(len(self._tokens), pos_max + 1))
-        lib.llama_memory_seq_rm(self._mem, 0, keep, -1)
-        del self._tokens[keep:]
+    def _units(self, prompt: Sequence[Any]) -> List[Any]:
+        """Flatten a prompt (token ids and :class:`Embeddings`) into per-position units."""
+        units: List[Any] = []
+        n_embd = None
+        for part in prompt:
+            if isinstance(part, Embeddings):
+                if n_embd is None:
+                    n_embd = self.model.n_embd
+                if part.data.shape[1] != n_embd:
+                    raise ValueError(f"embeddings have width {part.data.shape[1]}, the model needs {n_embd}")
+                units.extend((part, j) for j in range(part.n))
+            else:
+                units.append(part)
+        return units
 
-    def _prepare(self, tokens: Sequence[int], reserve: int = 0) -> int:
-        """Keep the cached prefix shared with ``tokens``; return how many are cached."""
-        if not tokens:
+    def _prepare(self, units: Sequence[Any]) -> int:
+        """Keep the cached prefix shared with ``units``; return how many are cached."""
+        if not units:
             raise ValueError("the prompt is empty")
-        if len(tokens) + reserve > self.n_ctx:
+        if len(units) > self.n_ctx:
             raise PromptTooLongError(
-                f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx}"
-                + (f" and {reserve} more are needed" if reserve else "")
-                + " (create the Model with a larger n_ctx)"
+                f"the prompt has {len(units)} positions; the context holds {self.n_ctx}"
+                " (create the Model with a larger n_ctx)"
             )
+        keys = self._keys
         n = 0
-        cached = self._tokens
-        for a, b in zip(cached, tokens):
-            if a != b:
+        for a, u in zip(keys, units):
+            if a != (u if not isinstance(u, tuple) else (u[0].key, u[1])):
                 break
             n += 1
-        if n == len(tokens):
-            n -= 1  # the last token must be evaluated again to get its logits
-        if n < len(cached):
-            if not lib.llama_memory_seq_rm(self._mem, 0, n, -1):
-                lib.llama_memory_clear(self._mem, True)
+        if n == len(units):
+            n -= 1  # the last unit must be evaluated again to get its logits
+        # never split an embedding chunk: its rows share the t position
+        while n > 0 and isinstance(units[n], tuple) and units[n][1] > 0:
+            n -= 1
+        if n < len(keys):
+            p0 = self._next[n - 1] if n > 0 else 0
+            if n == 0 or not lib.llama_memory_seq_rm(self._mem, 0, p0, -1):
+                self._clear()
                 n = 0
-            del cached[n:]
+            else:
+                del keys[n:]
+                del self._next[n:]
         return n
 
-    def logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits at every position of ``tokens``: float32 array ``(len(tokens), n_vocab)``."""
+    def logits(self, prompt: Sequence[Any]) -> np.ndarray:
+        """Logits at every position of ``prompt``: float32 array ``(n_positions, n_vocab)``.
+
+        ``prompt`` holds token ids and :class:`Embeddings` (one row per position).
+        """
         with self._using():
-            tokens = list(tokens)
-            if not tokens:
+            units = self._units(prompt)
+            if not units:
                 raise ValueError("the prompt is empty")
-            if len(tokens) > self.n_ctx:
-                raise PromptTooLongError(f"{len(tokens)} tokens do not fit in a context of {self.n_ctx}")
-            lib.llama_memory_clear(self._mem, True)
-            self._tokens = []
+            if len(units) > self.n_ctx:
+                raise PromptTooLongError(f"{len(units)} positions do not fit in a context of {self.n_ctx}")
+            self._clear()
             self._abort[0] = 0
             chunks: List[np.ndarray] = []
-            self._decode(tokens, 0, chunks)
+            self._decode(units, 0, chunks)
             return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
 
     def generate_tokens(
         self,
-        tokens: Sequence[int],
+        tokens: Sequence[Any],
         *,
         max_tokens: int,
         sampling: SamplingParams,
@@ -397,11 +549,11 @@ class Context:
         sampling.validate()
         stop = [s for s in stop if s]
         with self._using():
-            tokens = list(tokens)
+            units = self._units(tokens)
             t0 = time.perf_counter()
-            n_cached = self._prepare(tokens)
+            n_cached = self._prepare(units)
             self._abort[0] = 0
-            self._decode(tokens[n_cached:], n_cached)
+            self._decode(units, n_cached)
             t1 = time.perf_counter()
             prompt_ms = (t1 - t0) * 1e3
 
@@ -418,13 +570,15 @@ class Context:
             hold = max((len(s) for s in stop), default=1) - 1
             finish = "length"
             stop_hit: Optional[str] = None
-            pos = len(self._tokens)
+            pos = self._next_pos()
+            keys, nexts = self._keys, self._next
             try:
                 if sampler is not None:
-                    for t in tokens:
-                        sampler.accept(t)
+                    for u in units:
+                        if not isinstance(u, tuple):
+                            sampler.accept(u)
                 for _ in range(max_tokens):
-                    if pos >= self.n_ctx:
+                    if len(keys) >= self.n_ctx:
                         break
                     if sampler is None:
                         row = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, -1), n_vocab * 4), dtype=np.float32)
@@ -469,8 +623,9 @@ class Context:
                     rc = lib.llama_decode(ctx, b)
                     if rc != 0:
                         self._decode_failed(rc)
-                    self._tokens.append(tok)
                     pos += 1
+                    keys.append(tok)
+                    nexts.append(pos)
                 if stop_hit is None:
                     held += decoder.decode(b"", final=True)
                     if held:
@@ -484,10 +639,10 @@ class Context:
                 text="".join(text_parts),
                 tokens=out_tokens,
                 finish_reason=finish,
-                prompt_tokens=len(tokens),
+                prompt_tokens=len(units),
                 completion_tokens=len(out_tokens),
-                prompt_tokens_evaluated=len(tokens) - n_cached,
-                timings=Timings(prompt_ms, (t2 - t1) * 1e3, len(tokens) - n_cached, len(out_tokens)),
+                prompt_tokens_evaluated=len(units) - n_cached,
+                timings=Timings(prompt_ms, (t2 - t1) * 1e3, len(units) - n_cached, len(out_tokens)),
                 stop=stop_hit,
             )
 

@@ -17,12 +17,13 @@ import numpy as np
 
 from . import _lib, errors
 from ._lib import ffi, lib
-from .context import Completion, Context, SamplingParams
+from .context import Completion, Context, Embeddings, SamplingParams
 from .errors import ClosedError, InvalidModelFileError, ModelLoadError, TokenizeError
 
 __all__ = ["Model", "Prompt"]
 
-Prompt = Union[str, Sequence[int]]
+#: text, or token ids (optionally mixed with :class:`Embeddings` rows)
+Prompt = Union[str, Sequence[Union[int, Embeddings]]]
 PathLike = Union[str, "os.PathLike[str]"]
 
 _GGUF_MAGIC = b"GGUF"
@@ -93,6 +94,7 @@ class Model:
         self._contexts: "weakref.WeakSet[Context]" = weakref.WeakSet()
         self._default_ctx: Optional[Context] = None
         self._eog: Optional[List[int]] = None
+        self._embd_tensor: Any = None
         self.path = check_gguf_file(model_path)
         self.seed = seed
         _lib.ensure_init()
@@ -116,6 +118,10 @@ class Model:
         self._ptr = ptr
         self._vocab = lib.llama_model_get_vocab(ptr)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        self.n_embd = int(lib.llama_model_n_embd(ptr))
+        #: rope position rows per input embedding (4 for M-RoPE models such as ERNIE-4.5-VL)
+        self.n_pos_per_embd = 4 if lib.llama_model_rope_type(ptr) in (lib.LLAMA_ROPE_TYPE_MROPE,
+                                                                       lib.LLAMA_ROPE_TYPE_IMROPE) else 1
         self._ctx_args: Dict[str, Any] = dict(
             n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_threads=n_threads,
             flash_attn=flash_attn, kv_cache_type=kv_cache_type,
@@ -141,6 +147,7 @@ class Model:
         for ctx in list(self._contexts):
             ctx.close()
         self._default_ctx = None
+        self._embd_tensor = None
         if self._ptr is not None:
             lib.llama_model_free(self._ptr)
             self._ptr = None
@@ -195,10 +202,6 @@ class Model:
     @property
     def n_ctx_train(self) -> int:
         return int(lib.llama_model_n_ctx_train(self._handle()))
-
-    @property
-    def n_embd(self) -> int:
-        return int(lib.llama_model_n_embd(self._handle()))
 
     @property
     def n_layer(self) -> int:
@@ -324,16 +327,32 @@ class Model:
                 raise TokenizeError(f"token id {t} is outside the vocabulary (0..{n_vocab - 1})", llama_log="")
         return toks
 
-    def _prompt_tokens(self, prompt: Prompt) -> List[int]:
+    def _prompt_tokens(self, prompt: Prompt) -> List[Any]:
         if isinstance(prompt, str):
-            toks = self.tokenize(prompt)
+            toks: List[Any] = self.tokenize(prompt)
         elif isinstance(prompt, (bytes, bytearray)):
             raise TypeError("prompt must be str or a sequence of token ids, not bytes")
+        elif any(isinstance(p, Embeddings) for p in prompt):
+            toks = [p if isinstance(p, Embeddings) else self._check_tokens([p])[0] for p in prompt]
         else:
             toks = self._check_tokens(prompt)
         if not toks:
             raise ValueError("the prompt is empty")
         return toks
+
+    def token_embeddings(self, tokens: Sequence[int]) -> np.ndarray:
+        """Rows of the token embedding matrix (float32 ``(len(tokens), n_embd)``), read from the GGUF."""
+        import gguf
+
+        toks = np.asarray(self._check_tokens(tokens), dtype=np.int64)
+        if self._embd_tensor is None:
+            reader = gguf.GGUFReader(str(self.path))
+            self._embd_tensor = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        t = self._embd_tensor
+        rows = np.asarray(t.data[toks])
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            return rows.astype(np.float32)
+        return gguf.quants.dequantize(rows, t.tensor_type).astype(np.float32).reshape(len(toks), -1)
 
     # --- evaluation -----------------------------------------------------
 
@@ -427,7 +446,7 @@ class Model:
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
         ctx = self.ctx
-        if len(tokens) > ctx.n_ctx:
+        if sum(len(t) if isinstance(t, Embeddings) else 1 for t in tokens) > ctx.n_ctx:
             raise errors.PromptTooLongError(
                 f"the prompt has {len(tokens)} tokens; the context holds {ctx.n_ctx} "
                 "(create the Model with a larger n_ctx)", llama_log="")

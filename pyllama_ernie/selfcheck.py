@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["run_selfcheck", "numpy_forward", "ARCHITECTURES"]
 
-ARCHITECTURES = ("ernie4_5", "ernie4_5-moe")
+ARCHITECTURES = ("ernie4_5", "ernie4_5-moe", "ernie4_5-vl-moe")
 #: max |ours - numpy| / max |numpy| allowed (f32 weights, f32 KV cache)
 TOLERANCE = 1e-3
 
@@ -44,12 +44,31 @@ def _rope_norm(x: np.ndarray, pos: np.ndarray, base: float) -> np.ndarray:
     return out
 
 
+def _rope_multi(x: np.ndarray, pos: np.ndarray, base: float, sections: List[int], factors: np.ndarray) -> np.ndarray:
+    """ggml's M-RoPE: NEOX pairs (p, p + D/2); pair p takes the position row of its section
+    (rows t, h, w) and the frequency base^(-2p/D) / factors[p]. x: [T, H, D], pos: [3, T]."""
+    d = x.shape[-1]
+    half = d // 2
+    inv = base ** (-np.arange(0, d, 2, dtype=np.float64) / d) / factors
+    row = np.repeat(np.arange(len(sections)), sections)[:half]
+    ang = pos[row].T.astype(np.float64) * inv[None, :]  # [T, half]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x0, x1 = x[..., :half], x[..., half:]
+    return np.concatenate([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+
+
 def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def numpy_forward(gguf_path: Path, tokens: List[int]) -> np.ndarray:
-    """Logits ``[len(tokens), n_vocab]`` of an f32 ``ernie4_5``/``ernie4_5-moe`` GGUF, in float64."""
+def numpy_forward(gguf_path: Path, tokens: List[int], embeddings: Optional[np.ndarray] = None,
+                  positions: Optional[np.ndarray] = None) -> np.ndarray:
+    """Logits of an f32 ``ernie4_5`` / ``ernie4_5-moe`` / ``ernie4_5-vl-moe`` GGUF, in float64.
+
+    With ``embeddings`` (rows in place of ``tokens``) and ``positions`` (``[3, T]``
+    rows t, h, w) it evaluates an embedding input, which the VL model routes
+    through its vision experts.
+    """
     import gguf
 
     r = gguf.GGUFReader(str(gguf_path))
@@ -70,10 +89,14 @@ def numpy_forward(gguf_path: Path, tokens: List[int]) -> np.ndarray:
     n_dense = int(kv("leading_dense_block_count", 0))
     step = int(kv("interleave_moe_layer_step", 1))
     n_used = int(kv("expert_used_count", 0))
+    vl = arch == "ernie4_5-vl-moe"
+    sections = [int(v) for v in kv("rope.dimension_sections", 0)][:3] if vl else []  # type: ignore[union-attr]
 
-    T = len(tokens)
+    x = W["token_embd.weight"][tokens] if embeddings is None else np.asarray(embeddings, dtype=np.float64)
+    T = x.shape[0]
     pos = np.arange(T)
-    x = W["token_embd.weight"][tokens]
+    pos3 = np.stack([pos] * 3) if positions is None else np.asarray(positions)[:3]
+    pool = "_vl" if (vl and embeddings is not None) else ""
     mask = np.triu(np.full((T, T), -np.inf), 1)
     for il in range(n_layer):
         p = f"blk.{il}."
@@ -82,32 +105,36 @@ def numpy_forward(gguf_path: Path, tokens: List[int]) -> np.ndarray:
         k = (h @ W[p + "attn_k.weight"].T).reshape(T, n_head_kv, -1)
         v = (h @ W[p + "attn_v.weight"].T).reshape(T, n_head_kv, -1)
         d = q.shape[-1]
-        q, k = _rope_norm(q, pos, base), _rope_norm(k, pos, base)
+        if vl:
+            q = _rope_multi(q, pos3, base, sections, W["rope_freqs.weight"])
+            k = _rope_multi(k, pos3, base, sections, W["rope_freqs.weight"])
+        else:
+            q, k = _rope_norm(q, pos, base), _rope_norm(k, pos, base)
         rep = n_head // n_head_kv
         k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
-        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(d) + mask
+        att = np.einsum("thd,shd->hts", q, k) / np.sqrt(d) + mask  # causal by sequence order
         att = np.exp(att - att.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
         o = np.einsum("hts,shd->thd", att, v).reshape(T, -1)
         x = x + o @ W[p + "attn_output.weight"].T
 
         h = _rms_norm(x, W[p + "ffn_norm.weight"], eps)
-        is_moe = arch == "ernie4_5-moe" and il >= n_dense and (il + 1) % step == 0
+        is_moe = arch != "ernie4_5" and il >= n_dense and (il + 1) % step == 0
         if not is_moe:
             ff = (_silu(h @ W[p + "ffn_gate.weight"].T) * (h @ W[p + "ffn_up.weight"].T)) @ W[p + "ffn_down.weight"].T
         else:
-            logits = h @ W[p + "ffn_gate_inp.weight"].T
+            logits = h @ W[p + f"ffn_gate_inp{pool}.weight"].T
             probs = np.exp(logits - logits.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
-            sel_score = probs + W.get(p + "exp_probs_b.bias", np.zeros(probs.shape[-1]))
+            sel_score = probs + W.get(p + f"exp_probs_b{pool}.bias", np.zeros(probs.shape[-1])).reshape(-1)
             ff = np.zeros_like(h)
             for t in range(T):
                 idx = np.argsort(-sel_score[t], kind="stable")[:n_used]
                 w = probs[t, idx] / max(probs[t, idx].sum(), 1e-12)
                 for e, we in zip(idx, w):
-                    g = W[p + "ffn_gate_exps.weight"][e] @ h[t]
-                    u = W[p + "ffn_up_exps.weight"][e] @ h[t]
-                    ff[t] += we * (W[p + "ffn_down_exps.weight"][e] @ (_silu(g) * u))
+                    g = W[p + f"ffn_gate_exps{pool}.weight"][e] @ h[t]
+                    u = W[p + f"ffn_up_exps{pool}.weight"][e] @ h[t]
+                    ff[t] += we * (W[p + f"ffn_down_exps{pool}.weight"][e] @ (_silu(g) * u))
             if p + "ffn_gate_shexp.weight" in W:
                 ff += (_silu(h @ W[p + "ffn_gate_shexp.weight"].T) * (h @ W[p + "ffn_up_shexp.weight"].T)) \
                     @ W[p + "ffn_down_shexp.weight"].T
@@ -151,6 +178,16 @@ def check_one(path: Path, arch: str, device: str, n_gpu_layers: int) -> CheckRes
             ours = m.logits(toks).astype(np.float64)
             ref = numpy_forward(path, toks)
             err = float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-9))
+            if arch == "ernie4_5-vl-moe":
+                # an image-like embedding run: vision experts and 3-D positions
+                from .context import Embeddings
+                from .mrope import image_positions
+
+                rows = np.random.default_rng(0).standard_normal((6, m.n_embd)).astype(np.float32)
+                pos, nxt = image_positions(0, 2, 3)
+                ours_e = m.logits([Embeddings(rows, pos, next_pos=nxt)]).astype(np.float64)
+                ref_e = numpy_forward(path, [], embeddings=rows, positions=pos)
+                err = max(err, float(np.abs(ours_e - ref_e).max() / max(np.abs(ref_e).max(), 1e-9)))
             a = m.generate(toks, max_tokens=32, temperature=0)
             m.ctx.reset()
             b = m.generate(toks, max_tokens=32, temperature=0)
