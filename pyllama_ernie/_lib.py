@@ -55,7 +55,7 @@ _buf = _LineBuffer()
 
 def _emit(level: int, line: str) -> None:
     if level >= logging.WARNING:
-        errors.note_log_line(line.strip())
+        errors.note_log_line(line.strip(), is_error=level >= logging.ERROR)
     if logger.isEnabledFor(level):
         logger.log(level, "%s", line.rstrip())
 

@@ -76,26 +76,33 @@ class QuantizeError(ErnieError):
     """``llama_model_quantize`` failed."""
 
 
-# --- llama.cpp's last warning/error line, fed by the log callback in _lib ---
+# --- what llama.cpp logged about a failure, fed by the log callback in _lib ---
+#
+# llama.cpp logs the cause first ("error loading model hyperparameters: key not
+# found ...") and a summary last ("failed to load model"), so the first error
+# since the call began is the one worth showing; without errors, the last warning.
 
 _last = threading.local()
 _last_global: list = [None]
 
 
-def note_log_line(line: str) -> None:
+def note_log_line(line: str, is_error: bool = False) -> None:
     """Remember a warning/error line logged by llama.cpp (called by the log callback)."""
+    if is_error and getattr(_last, "first_error", None) is None:
+        _last.first_error = line
     _last.line = line
     _last_global[0] = line
 
 
 def last_log_line() -> Optional[str]:
-    """The last warning or error llama.cpp logged, preferring this thread's."""
-    return getattr(_last, "line", None) or _last_global[0]
+    """The first error llama.cpp logged in this thread since the call began, else its last warning."""
+    return getattr(_last, "first_error", None) or getattr(_last, "line", None) or _last_global[0]
 
 
 def clear_log_line() -> None:
-    """Forget the last line, so an error reports only what its own call logged."""
+    """Forget what was logged, so an error reports only what its own call logged."""
     _last.line = None
+    _last.first_error = None
     _last_global[0] = None
 
 

@@ -238,3 +238,52 @@ def test_quantized_top1_agreement_and_f32_routers(qtype, min_top1, vl_gguf, refe
     print(f"{qtype} (vl_trained): top-1 agreement {agree}/{total} = {agree / total:.1%}, max rel logit err {worst:.2e}")
     if min_top1 is not None:
         assert agree / total >= min_top1
+
+
+# --- load-time validation in the patched loader ------------------------------------------
+
+def _rewrite(src, dst, drop=(), add=None):
+    """Copy an f32 GGUF, leaving out keys in ``drop`` and adding ``add`` (key -> (value, type))."""
+    import gguf
+
+    r = gguf.GGUFReader(str(src))
+    arch = str(r.fields["general.architecture"].contents())
+    w = gguf.GGUFWriter(str(dst), arch)
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop:
+            continue
+        sub = f.types[1] if len(f.types) > 1 else None
+        w.add_key_value(name, f.contents(), f.types[0], sub)
+    for key, (val, vtype) in (add or {}).items():
+        w.add_key_value(key, val, vtype)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def test_loader_requires_rope_sections(tiny_vl, tmp_path):
+    import pyllama_ernie
+
+    ok = _rewrite(tiny_vl, tmp_path / "copy.gguf")
+    with Model(ok, n_ctx=64) as m:  # the copy itself loads
+        assert m.n_pos_per_embd == 4
+    bad = _rewrite(tiny_vl, tmp_path / "nosections.gguf", drop=("ernie4_5-vl-moe.rope.dimension_sections",))
+    with pytest.raises(pyllama_ernie.ModelLoadError, match="dimension_sections"):
+        Model(bad, n_ctx=64)
+
+
+def test_loader_refuses_rope_scaling(tiny_vl, tmp_path):
+    import gguf
+
+    import pyllama_ernie
+
+    bad = _rewrite(tiny_vl, tmp_path / "yarn.gguf", add={
+        "ernie4_5-vl-moe.rope.scaling.type": ("yarn", gguf.GGUFValueType.STRING),
+        "ernie4_5-vl-moe.rope.scaling.factor": (4.0, gguf.GGUFValueType.FLOAT32),
+    })
+    with pytest.raises(pyllama_ernie.ModelLoadError, match="rope scaling"):
+        Model(bad, n_ctx=64)
