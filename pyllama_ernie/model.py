@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 import weakref
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union

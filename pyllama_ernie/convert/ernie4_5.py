@@ -187,18 +187,31 @@ class _Builder:
         self.add(gname, (r1 - r0, cols), lambda: self.src.iter_rows(real, r0, r1))
 
     # the model
+    #: checkpoint tensors this converter leaves out on purpose
+    skip = _SKIP
+
+    def moe_layers(self) -> set[int]:
+        """Check the MoE layout can be written (before any work); return the MoE layer indices."""
+        t = self.text
+        if self.arch != ARCH_MOE or not t.moe:
+            return set()
+        moe_layout(t)  # refuse layouts llama.cpp cannot run
+        return set(t.moe.moe_layers(t.n_layers))
+
+    def global_tensors(self) -> None:
+        """Tensors written after the token embeddings and before the layers (none for the text models)."""
+
     def build(self) -> list[TensorSpec]:
         t = self.text
         H, V = t.hidden_size, t.vocab_size
         if t.use_bias:
             raise ConversionError(
-                "config.json sets use_bias=true; llama.cpp's ERNIE 4.5 graph has no biases for these layers."
+                "config.json sets use_bias=true; llama.cpp's ERNIE 4.5 graphs have no biases for these layers."
             )
-        moe_layers = set(t.moe.moe_layers(t.n_layers)) if (self.arch == ARCH_MOE and t.moe) else set()
-        if self.arch == ARCH_MOE:
-            moe_layout(t)  # refuse layouts llama.cpp cannot run, before any work
+        moe_layers = self.moe_layers()
 
         self.direct("token_embd.weight", "model.embed_tokens.weight", (V, H))
+        self.global_tensors()
         for i in range(t.n_layers):
             self.layer(i, i in moe_layers)
         self.direct("output_norm.weight", "model.norm.weight", (H,))
@@ -212,7 +225,7 @@ class _Builder:
             self.direct("output.weight", "lm_head.weight", (V, H))
 
         unknown = sorted(
-            real for norm, real in self.by_name.items() if norm not in self.used and not _SKIP.search(norm)
+            real for norm, real in self.by_name.items() if norm not in self.used and not self.skip.search(norm)
         )
         if unknown:
             more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""

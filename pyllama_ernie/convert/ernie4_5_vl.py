@@ -175,40 +175,17 @@ class _VLBuilder(_Builder):
         self.sections, self.src_pairs = rope_layout(text.head_dim, text.mrope_section)
         self.order = qk_row_order(self.src_pairs)
 
-    def build(self) -> list[TensorSpec]:
-        t = self.text
-        H, V = t.hidden_size, t.vocab_size
-        if t.use_bias:
-            raise ConversionError(
-                "config.json sets use_bias=true; llama.cpp's ERNIE 4.5 VL graph has no biases for these layers."
-            )
-        moe_layout(t)  # refuse layouts llama.cpp cannot run, before any work
-        moe_layers = set(t.moe.moe_layers(t.n_layers)) if t.moe else set()
+    skip = _SKIP_VL
 
-        self.direct("token_embd.weight", "model.embed_tokens.weight", (V, H))
+    def moe_layers(self) -> set[int]:
+        t = self.text
+        moe_layout(t)  # refuse layouts llama.cpp cannot run, before any work
+        return set(t.moe.moe_layers(t.n_layers)) if t.moe else set()
+
+    def global_tensors(self) -> None:
+        t = self.text
         freqs = rope_freqs(t.head_dim, t.rope_theta, self.src_pairs)
         self.add("rope_freqs.weight", freqs.shape, lambda: [freqs])
-        for i in range(t.n_layers):
-            self.layer(i, i in moe_layers)
-        self.direct("output_norm.weight", "model.norm.weight", (H,))
-        if t.tie_word_embeddings:
-            if self.has("lm_head.weight"):  # transformers ignores a stored lm_head when tied
-                self.used.add("lm_head.weight")
-        else:
-            if not self.has("lm_head.weight"):
-                raise ConversionError("config.json sets tie_word_embeddings=false, but there is no lm_head.weight.")
-            self.direct("output.weight", "lm_head.weight", (V, H))
-
-        unknown = sorted(
-            real for norm, real in self.by_name.items() if norm not in self.used and not _SKIP_VL.search(norm)
-        )
-        if unknown:
-            more = f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""
-            raise ConversionError(
-                f"the checkpoint has tensors this converter does not know: {', '.join(unknown[:8])}{more} "
-                f"(does config.json match the weights?)."
-            )
-        return self.specs
 
     def permuted(self, gname: str, real: str, row0: int, n_heads: int) -> None:
         """Q or K rows [row0, row0 + n_heads * head_dim) of ``real``, each head's rows reordered for ggml's M-RoPE."""
