@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from . import errors
 
@@ -22,7 +22,8 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
         f"not by putting the source folder on sys.path. ({e})"
     ) from e
 
-__all__ = ["ffi", "lib", "logger", "set_log_level", "ensure_init", "ProgressHandle", "abort_flag_callback"]
+__all__ = ["ffi", "lib", "logger", "set_log_level", "ensure_init", "ProgressHandle", "NodeObserver",
+           "abort_flag_callback", "CResource"]
 
 logger = logging.getLogger("pyllama_ernie")
 if logger.level == logging.NOTSET:
@@ -77,6 +78,29 @@ def _pyllama_ernie_log(level: int, text: Any, user_data: Any) -> None:
             _emit(_buf.level, line)
     if s:
         _buf.parts.append(s)
+
+
+_R = TypeVar("_R", bound="CResource")
+
+
+class CResource:
+    """Base of the objects that own a C object: ``close()`` frees it (idempotently),
+    and a ``with`` block or garbage collection calls ``close()``."""
+
+    def close(self) -> None:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __enter__(self: _R) -> _R:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 class ProgressHandle:

@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Seque
 
 import numpy as np
 
-from . import errors
-from . import _lib
+from . import _lib, errors
 from ._lib import abort_flag_callback, ffi, lib
 from .errors import BusyError, ClosedError, ContextError, DecodeError, PromptTooLongError
 
@@ -224,7 +223,7 @@ class _Sampler:
             self._ptr = None
 
 
-class Context:
+class Context(_lib.CResource):
     """One llama.cpp inference context over a :class:`~pyllama_ernie.Model`.
 
     Usually created for you by :class:`Model`; create more with
@@ -309,18 +308,6 @@ class Context:
         if self._ptr is not None:
             lib.llama_free(self._ptr)
             self._ptr = None
-
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     @property
     def closed(self) -> bool:

@@ -53,7 +53,7 @@ def check_gguf_file(path: PathLike) -> Path:
     return p
 
 
-class Model:
+class Model(_lib.CResource):
     """An ERNIE 4.5 model loaded from a GGUF file.
 
     Args:
@@ -155,18 +155,6 @@ class Model:
     @property
     def closed(self) -> bool:
         return self._ptr is None
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         state = "closed" if self._ptr is None else self.description
