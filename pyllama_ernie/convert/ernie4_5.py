@@ -243,12 +243,11 @@ class _Builder:
         self.direct(b + "attn_norm.weight", p + "input_layernorm.weight", (H,))
         if self.has(p + "self_attn.qkv_proj.weight"):  # Baidu's fused layout
             real = self.take(p + "self_attn.qkv_proj.weight", (q_dim + 2 * kv_dim, H))
-            self.rows(b + "attn_q.weight", real, 0, q_dim, H)
-            self.rows(b + "attn_k.weight", real, q_dim, q_dim + kv_dim, H)
+            self.q_and_k(b, real, 0, real, q_dim)
             self.rows(b + "attn_v.weight", real, q_dim + kv_dim, q_dim + 2 * kv_dim, H)
         else:
-            self.direct(b + "attn_q.weight", p + "self_attn.q_proj.weight", (q_dim, H))
-            self.direct(b + "attn_k.weight", p + "self_attn.k_proj.weight", (kv_dim, H))
+            self.q_and_k(b, self.take(p + "self_attn.q_proj.weight", (q_dim, H)), 0,
+                         self.take(p + "self_attn.k_proj.weight", (kv_dim, H)), 0)
             self.direct(b + "attn_v.weight", p + "self_attn.v_proj.weight", (kv_dim, H))
         self.direct(b + "attn_output.weight", p + "self_attn.o_proj.weight", (H, q_dim))
         self.direct(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", (H,))
@@ -256,6 +255,13 @@ class _Builder:
             self.moe_ffn(i)
         else:
             self.ffn(p + "mlp.", b + "ffn_", "", t.intermediate_size)
+
+    def q_and_k(self, b: str, real_q: str, q0: int, real_k: str, k0: int) -> None:
+        """Q and K projections: rows [q0, q0 + n_heads * head_dim) of real_q, likewise for K."""
+        t = self.text
+        q_dim, kv_dim = t.n_heads * t.head_dim, t.n_kv_heads * t.head_dim
+        self.rows(b + "attn_q.weight", real_q, q0, q0 + q_dim, t.hidden_size)
+        self.rows(b + "attn_k.weight", real_k, k0, k0 + kv_dim, t.hidden_size)
 
     def ffn(self, p: str, b: str, suffix: str, width: int) -> None:
         H = self.text.hidden_size

@@ -200,27 +200,10 @@ class _VLBuilder(_Builder):
 
         self.add(gname, (n_heads * hd, H), blocks)
 
-    def layer(self, i: int, is_moe: bool) -> None:
-        t = self.text
-        H, hd = t.hidden_size, t.head_dim
-        q_dim, kv_dim = t.n_heads * hd, t.n_kv_heads * hd
-        p, b = f"model.layers.{i}.", f"blk.{i}."
-        self.direct(b + "attn_norm.weight", p + "input_layernorm.weight", (H,))
-        if self.has(p + "self_attn.qkv_proj.weight"):  # Baidu's fused layout
-            real = self.take(p + "self_attn.qkv_proj.weight", (q_dim + 2 * kv_dim, H))
-            self.permuted(b + "attn_q.weight", real, 0, t.n_heads)
-            self.permuted(b + "attn_k.weight", real, q_dim, t.n_kv_heads)
-            self.rows(b + "attn_v.weight", real, q_dim + kv_dim, q_dim + 2 * kv_dim, H)
-        else:
-            self.permuted(b + "attn_q.weight", self.take(p + "self_attn.q_proj.weight", (q_dim, H)), 0, t.n_heads)
-            self.permuted(b + "attn_k.weight", self.take(p + "self_attn.k_proj.weight", (kv_dim, H)), 0, t.n_kv_heads)
-            self.direct(b + "attn_v.weight", p + "self_attn.v_proj.weight", (kv_dim, H))
-        self.direct(b + "attn_output.weight", p + "self_attn.o_proj.weight", (H, q_dim))
-        self.direct(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", (H,))
-        if is_moe:
-            self.moe_ffn(i)
-        else:
-            self.ffn(p + "mlp.", b + "ffn_", "", t.intermediate_size)
+    def q_and_k(self, b: str, real_q: str, q0: int, real_k: str, k0: int) -> None:
+        """Q and K with each head's rows reordered for ggml's M-RoPE (V and o_proj stay as they are)."""
+        self.permuted(b + "attn_q.weight", real_q, q0, self.text.n_heads)
+        self.permuted(b + "attn_k.weight", real_k, k0, self.text.n_kv_heads)
 
     def router(self, gname: str, name: str, n_experts: int) -> None:
         """An HF router stored transposed, [H, E] -> written [E, H] (GGUF ne [H, E])."""
