@@ -307,6 +307,7 @@ def test_quiet_by_default(tiny_path, capfd):
     captured = capfd.readouterr()
     assert captured.out == ""
     assert "llama_model_loader" not in captured.err
+    assert "special_eot_id" not in captured.err  # <|end_of_sentence|> is an end-of-generation token (patch 0003)
 
 
 def test_system_info():
@@ -327,3 +328,5 @@ def test_ignore_eos_never_ends_early(exact):
     sampled = exact.generate(PROMPT, max_tokens=40, temperature=1.5, top_k=0, min_p=0.0, seed=5, ignore_eos=True)
     assert sampled.completion_tokens == 40 and not any(exact.is_eog(t) for t in sampled.tokens)
     assert exact.eog_tokens and all(exact.is_eog(t) for t in exact.eog_tokens)
+    end_of_turn = exact.tokenize("<|end_of_sentence|>", add_special=False)
+    assert len(end_of_turn) == 1 and exact.is_eog(end_of_turn[0])
