@@ -142,8 +142,8 @@ class Embeddings:
         pos = np.asarray(positions)
         if pos.ndim == 1:
             pos = pos[None, :]
-        if pos.ndim != 2 or pos.shape[1] != arr.shape[0]:
-            raise ValueError(f"positions must have shape (n,) or (k, n) with n = {arr.shape[0]}")
+        if pos.ndim != 2 or pos.shape[1] != arr.shape[0] or pos.shape[0] not in (1, 3, 4):
+            raise ValueError(f"positions must have shape (n,), (3, n) or (4, n) with n = {arr.shape[0]}")
         if not np.issubdtype(pos.dtype, np.integer) or (pos < 0).any() or (pos >= 2**31 - 1).any():
             raise ValueError("positions must be non-negative integers")
         pos = np.ascontiguousarray(pos, dtype=np.int32)
@@ -168,11 +168,8 @@ class Embeddings:
         if n_rows == 1:
             return self.positions[:1]
         out = np.zeros((n_rows, self.n), dtype=np.int32)
-        k = min(have, 3) if have > 1 else 1
-        if have == 1:
-            out[:3] = self.positions[0]
-        else:
-            out[:k] = self.positions[:k]
+        # one row (text-like): t = h = w; more rows: t, h, w as given; the 4th row stays 0
+        out[:3] = self.positions[0] if have == 1 else self.positions[:3]
         return out
 
     def __len__(self) -> int:

@@ -120,19 +120,24 @@ def hf_model_dir(_cache_root, ernie_tokenizer) -> Callable[[str], Path]:
     return get
 
 
-@pytest.fixture(scope="session")
-def gguf_model(_cache_root, hf_model_dir) -> Callable[..., Path]:
+def _converted(cache_root: Path, model_dir: Callable[[str], Path]) -> Callable[..., Path]:
+    """A factory converting ``model_dir(name)`` with our converter, once per (name, outtype)."""
     made: dict[tuple[str, str], Path] = {}
 
     def get(name: str, outtype: str = "f32") -> Path:
         key = (name, outtype)
         if key not in made:
-            out = _cache_root / "gguf" / f"{name}-{outtype}.gguf"
+            out = cache_root / "gguf" / f"{name}-{outtype}.gguf"
             out.parent.mkdir(exist_ok=True)
-            made[key] = convert_pkg.convert(hf_model_dir(name), out, outtype)
+            made[key] = convert_pkg.convert(model_dir(name), out, outtype)
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gguf_model(_cache_root, hf_model_dir) -> Callable[..., Path]:
+    return _converted(_cache_root, hf_model_dir)
 
 
 @pytest.fixture(scope="session")
@@ -211,17 +216,7 @@ def vl_model_dir(_cache_root, ernie_tokenizer) -> Callable[[str], Path]:
 
 @pytest.fixture(scope="session")
 def vl_gguf(_cache_root, vl_model_dir) -> Callable[..., Path]:
-    made: dict[tuple[str, str], Path] = {}
-
-    def get(name: str, outtype: str = "f32") -> Path:
-        key = (name, outtype)
-        if key not in made:
-            out = _cache_root / "gguf" / f"{name}-{outtype}.gguf"
-            out.parent.mkdir(exist_ok=True)
-            made[key] = convert_pkg.convert(vl_model_dir(name), out, outtype)
-        return made[key]
-
-    return get
+    return _converted(_cache_root, vl_model_dir)
 
 
 @pytest.fixture(scope="session")

@@ -92,6 +92,12 @@ def test_embeddings_validation():
         Embeddings(np.full((2, 4), np.nan), [0, 1])
     with pytest.raises(ValueError):
         Embeddings(np.zeros((2, 4)), [0, 1], next_pos=1)
+    with pytest.raises(ValueError):
+        Embeddings(np.zeros((2, 4)), [[0, 1], [0, 1]])  # two rows: neither plain nor t, h, w
+    three = Embeddings(np.zeros((2, 4)), [[5, 5], [5, 6], [7, 8]])
+    np.testing.assert_array_equal(three.positions_for(4), [[5, 5], [5, 6], [7, 8], [0, 0]])
+    np.testing.assert_array_equal(Embeddings(np.zeros((2, 4)), [3, 4]).positions_for(4),
+                                  [[3, 4], [3, 4], [3, 4], [0, 0]])
 
 
 # --- parity with transformers Ernie4_5_VLMoeForConditionalGeneration ------------------------
