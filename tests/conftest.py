@@ -26,6 +26,8 @@ Interface (all session-scoped, built lazily and cached under one temp folder):
   * ``vl_model_dir(name) -> Path``: the saved checkpoint with the tokenizer files (whose image /
     video token ids the config points at);
   * ``vl_gguf(name, outtype="f32") -> Path``: converted by ``pyllama_ernie.convert.convert``;
+  * ``vl_mmproj(name, outtype="f32") -> Path``: the checkpoint's vision tower + resampler, written
+    by ``pyllama_ernie.convert.convert_mmproj`` (a "clip" mmproj GGUF, projector ``ernie4_5vl``);
   * ``vl_reference_model(name)``: the transformers model in float32, eval mode (for ``vl_baidu``,
     the model of ``vl_c``, whose weights it holds);
   * ``reference_tokenizer_vl(name)``: ``AutoTokenizer`` of that checkpoint.
@@ -246,5 +248,20 @@ def reference_tokenizer_vl(vl_model_dir) -> Callable[[str], Any]:
 
             loaded[name] = AutoTokenizer.from_pretrained(vl_model_dir(name))
         return loaded[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def vl_mmproj(_cache_root, vl_model_dir) -> Callable[..., Path]:
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(name: str, outtype: str = "f32") -> Path:
+        key = (name, outtype)
+        if key not in made:
+            out = _cache_root / "mmproj" / f"{name}-{outtype}.gguf"
+            out.parent.mkdir(exist_ok=True)
+            made[key] = convert_pkg.convert_mmproj(vl_model_dir(name), out, outtype)
+        return made[key]
 
     return get

@@ -22,6 +22,10 @@ in ``HFConfig.extra``):
 
 To support another architecture, add a parser and register it in ``_PARSERS``; a
 parser returns a TextConfig, or (TextConfig, extra) to fill ``HFConfig.extra``.
+
+The VL vision tower and resampler (for the mmproj file) are read separately, on demand, by
+:func:`load_vision_config`, so that a vision section the mmproj writer cannot handle never
+stops a conversion of the language model alone.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from typing import Any, Callable
 
 from .errors import ConversionError
 
-__all__ = ["MoeConfig", "TextConfig", "HFConfig", "load_config", "parse_config", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "HFConfig", "MoeConfig", "TextConfig", "VisionConfig", "load_config",
+           "load_vision_config", "parse_config"]
 
 
 @dataclass
@@ -527,3 +532,122 @@ def load_config(hf_dir: str | Path) -> HFConfig:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConversionError(f"cannot read {path}: {e}") from e
     return parse_config(raw, path)
+
+
+# -- ERNIE 4.5 VL: the vision tower and the resampler ------------------------------------------
+
+@dataclass
+class VisionConfig:
+    """The ViT and resampler of ERNIE 4.5 VL, normalised from either config format.
+
+    HF-native names (``vision_config``) first; Baidu's original names in brackets.
+    """
+
+    depth: int  # depth [vision_config.depth]
+    hidden_size: int  # ViT width: hidden_size [vision_config.embed_dim; its hidden_size is not the ViT width]
+    intermediate_size: int  # ViT MLP width: intermediate_size [embed_dim * mlp_ratio]
+    n_heads: int  # num_heads [vision_config.num_heads]
+    patch_size: int  # patch_size [vision_config.patch_size]
+    in_channels: int  # in_channels [vision_config.in_channels]
+    spatial_merge_size: int  # spatial_merge_size [vision_config.spatial_merge_size and top-level spatial_conv_size]
+    temporal_merge_size: int  # temporal_merge_size [top-level temporal_conv_size]
+    hidden_act: str  # the ViT MLP's activation: hidden_act [vision_config.hidden_act]
+    layer_norm_eps: float  # rms_norm_eps (used by the ViT's and the resampler's LayerNorms) [1e-6]
+    use_temporal_conv: bool = True  # [top-level use_temporal_conv]; HF-native models always have it
+
+
+# Baidu's remote-code vision config class (Qwen2-VL's) and resampler defaults
+_BAIDU_VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_channels": 3, "patch_size": 14,
+    "spatial_merge_size": 2, "hidden_act": "quick_gelu",
+}
+# transformers' Ernie4_5_VLMoeVisionConfig defaults
+_HF_VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 32, "hidden_size": 1280, "intermediate_size": 4 * 1280, "num_heads": 16, "in_channels": 3,
+    "patch_size": 14, "spatial_merge_size": 2, "temporal_merge_size": 2, "hidden_act": "quick_gelu",
+    "rms_norm_eps": 1e-6,
+}
+
+
+def _vision_value(cfg: dict[str, Any], key: str, default: Any) -> Any:
+    val = cfg.get(key)
+    return default if val is None else val
+
+
+def _vision_int(cfg: dict[str, Any], key: str, default: int, where: str) -> int:
+    val = _vision_value(cfg, key, default)
+    if isinstance(val, list) and len(val) == 2 and val[0] == val[1]:
+        val = val[0]  # a square patch_size given as [14, 14]
+    if not isinstance(val, int) or isinstance(val, bool) or val < 1:
+        raise ConversionError(f"config.json: {where}{key!r} should be a positive integer, not {val!r}.")
+    return val
+
+
+def _vision_float(cfg: dict[str, Any], key: str, default: float, where: str) -> float:
+    val = _vision_value(cfg, key, default)
+    if not isinstance(val, (int, float)) or isinstance(val, bool) or not val > 0:
+        raise ConversionError(f"config.json: {where}{key!r} should be a positive number, not {val!r}.")
+    return float(val)
+
+
+def load_vision_config(hf: HFConfig) -> VisionConfig:
+    """The vision tower and resampler of an ERNIE 4.5 VL config (either format); ConversionError
+    for a text-only model or an unreadable vision section."""
+    if hf.architecture != VL_ARCHITECTURE:
+        raise ConversionError(
+            f"{hf.path} describes a text-only model ({hf.architecture}); it has no vision tower, "
+            "so there is no mmproj to write."
+        )
+    raw = hf.raw
+    vision = raw.get("vision_config")
+    if vision is None:
+        vision = {}
+    if not isinstance(vision, dict):
+        raise ConversionError("config.json: vision_config is not a JSON object.")
+    w = "vision_config."
+    if hf.extra.get("format") == "baidu":
+        d = _BAIDU_VISION_DEFAULTS
+        width = _vision_int(vision, "embed_dim", d["embed_dim"], w)
+        ratio = _vision_float(vision, "mlp_ratio", d["mlp_ratio"], w)
+        merge = _vision_int(vision, "spatial_merge_size", d["spatial_merge_size"], w)
+        conv = _vision_int(raw, "spatial_conv_size", merge, "")
+        if conv != merge:
+            raise ConversionError(
+                f"config.json: spatial_conv_size ({conv}, the resampler's) contradicts "
+                f"vision_config.spatial_merge_size ({merge}, the vision tower's)."
+            )
+        pixel_hidden = _vision_int(raw, "pixel_hidden_size", width, "")
+        if pixel_hidden != width:
+            raise ConversionError(
+                f"config.json: pixel_hidden_size ({pixel_hidden}) contradicts vision_config.embed_dim ({width})."
+            )
+        use_temporal = raw.get("use_temporal_conv", True)
+        if not isinstance(use_temporal, bool):
+            raise ConversionError(f"config.json: 'use_temporal_conv' should be true or false, not {use_temporal!r}.")
+        eps_key = "rms_norm_eps" if vision.get("rms_norm_eps") is not None else "layer_norm_eps"
+        return VisionConfig(
+            depth=_vision_int(vision, "depth", d["depth"], w),
+            hidden_size=width,
+            intermediate_size=int(width * ratio),
+            n_heads=_vision_int(vision, "num_heads", d["num_heads"], w),
+            patch_size=_vision_int(vision, "patch_size", d["patch_size"], w),
+            in_channels=_vision_int(vision, "in_channels", d["in_channels"], w),
+            spatial_merge_size=merge,
+            temporal_merge_size=_vision_int(raw, "temporal_conv_size", 2, ""),
+            hidden_act=str(_vision_value(vision, "hidden_act", d["hidden_act"])),
+            layer_norm_eps=_vision_float(vision, eps_key, 1e-6, w),  # Baidu's LayerNorms use 1e-6
+            use_temporal_conv=use_temporal,
+        )
+    d = _HF_VISION_DEFAULTS
+    return VisionConfig(
+        depth=_vision_int(vision, "depth", d["depth"], w),
+        hidden_size=_vision_int(vision, "hidden_size", d["hidden_size"], w),
+        intermediate_size=_vision_int(vision, "intermediate_size", d["intermediate_size"], w),
+        n_heads=_vision_int(vision, "num_heads", d["num_heads"], w),
+        patch_size=_vision_int(vision, "patch_size", d["patch_size"], w),
+        in_channels=_vision_int(vision, "in_channels", d["in_channels"], w),
+        spatial_merge_size=_vision_int(vision, "spatial_merge_size", d["spatial_merge_size"], w),
+        temporal_merge_size=_vision_int(vision, "temporal_merge_size", d["temporal_merge_size"], w),
+        hidden_act=str(_vision_value(vision, "hidden_act", d["hidden_act"])),
+        layer_norm_eps=_vision_float(vision, "rms_norm_eps", d["rms_norm_eps"], w),
+    )

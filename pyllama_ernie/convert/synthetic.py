@@ -18,22 +18,28 @@ The VL model (language model only, config in Baidu's flat format) has 4 layers
 width 16 (top-2), one shared expert, both selection biases non-zero, and the 3-D
 rope split [h, w, t] = [3, 3, 2] pairs (GGUF sections [2, 3, 3, 0]) with its
 permuted Q/K and ``rope_freqs``; its vocabulary has the image/video tokens.
+
+``write_tiny_mmproj(path, n_embd_text=...)`` writes a matching ERNIE 4.5 VL vision encoder
+(mmproj, projector ``ernie4_5vl``): a ViT of width 32 (2 heads, MLP 64, 1 block, 14 px
+patches) and the resampler, with random weights named as Baidu's checkpoints name them,
+through the converter's own tensor mapping and mmproj writer.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
-from . import arch_module, write_gguf
+from . import arch_module, ernie4_5_vl_vision, write_gguf, write_mmproj
 from .errors import ConversionError
-from .hfconfig import parse_config
+from .hfconfig import VisionConfig, parse_config
 from .tokenizer import TokenType, Vocab
 
-__all__ = ["write_tiny_gguf", "tiny_config", "tiny_vocab", "ARCHS", "CHAT_TEMPLATE"]
+__all__ = ["ARCHS", "CHAT_TEMPLATE", "tiny_config", "tiny_vocab", "write_tiny_gguf", "write_tiny_mmproj"]
 
 ARCHS = ("ernie4_5", "ernie4_5-moe", "ernie4_5-vl-moe")
 
@@ -254,4 +260,75 @@ def write_tiny_gguf(arch: str, path: str | os.PathLike[str], *, seed: int = 0, o
     return write_gguf(
         path, hf=hf, arch=module.gguf_arch(hf), outtype=outtype, specs=specs, vocab=vocab,
         name=f"tiny-{arch}-seed{seed}",
+    )
+
+
+def _random_vision_weights(v: VisionConfig, n_embd_text: int, seed: int) -> dict[str, np.ndarray]:
+    """Random ViT + resampler weights under Baidu's Hub names (``vision_model.*``, ``model.resampler_model.*``)."""
+    rng = np.random.default_rng(seed)
+    h, ff = v.hidden_size, v.intermediate_size
+    S = h * v.spatial_merge_size ** 2
+    a: dict[str, np.ndarray] = {}
+
+    def linear(name: str, n_out: int, n_in: int, bias: bool = True) -> None:
+        a[name + ".weight"] = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        if bias:
+            a[name + ".bias"] = (0.05 * rng.standard_normal(n_out)).astype(np.float32)
+
+    def norm(name: str, n: int, bias: bool = True) -> None:
+        a[name + ".weight"] = (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+        if bias:
+            a[name + ".bias"] = (0.05 * rng.standard_normal(n)).astype(np.float32)
+
+    linear("vision_model.patch_embed.proj", h, v.in_channels * v.patch_size ** 2, bias=False)
+    for i in range(v.depth):
+        p = f"vision_model.blocks.{i}."
+        norm(p + "norm1", h)
+        linear(p + "attn.qkv", 3 * h, h)
+        linear(p + "attn.proj", h, h)
+        norm(p + "norm2", h)
+        linear(p + "mlp.fc1", ff, h)
+        linear(p + "mlp.fc2", h, ff)
+    norm("vision_model.ln", h)
+    r = "model.resampler_model."
+    linear(r + "spatial_linear.0", S, S)
+    linear(r + "spatial_linear.2", S, S)
+    norm(r + "spatial_linear.3", S)
+    linear(r + "temporal_linear.0", S, 2 * S)
+    linear(r + "temporal_linear.2", S, S)
+    norm(r + "temporal_linear.3", S)
+    linear(r + "mlp", n_embd_text, S)
+    norm(r + "after_norm", n_embd_text, bias=False)
+    return a
+
+
+def write_tiny_mmproj(
+    path: str | os.PathLike[str],
+    *,
+    n_embd_text: int,
+    seed: int = 0,
+    outtype: str = "f32",
+    hidden: int = 32,
+    depth: int = 1,
+    heads: int = 2,
+    ff: int = 64,
+) -> Path:
+    """Write a tiny random ERNIE 4.5 VL mmproj (vision tower + resampler) to ``path``; returns the path.
+
+    ``n_embd_text`` is the hidden size of the language model it feeds (64 for
+    ``write_tiny_gguf("ernie4_5-vl-moe")``). Keys and tensors are exactly those of a converted
+    checkpoint (:mod:`.ernie4_5_vl_vision`); preprocessing keys have the reference defaults.
+    """
+    if outtype not in ("f32", "f16", "bf16", "q8_0"):
+        raise ConversionError(f"unknown output type {outtype!r}; choose one of f32, f16, bf16, q8_0.")
+    vision = VisionConfig(
+        depth=depth, hidden_size=hidden, intermediate_size=ff, n_heads=heads, patch_size=14, in_channels=3,
+        spatial_merge_size=2, temporal_merge_size=2, hidden_act="quick_gelu", layer_norm_eps=1e-6,
+    )
+    ernie4_5_vl_vision.check_supported(vision, ernie4_5_vl_vision.TEXT_RMS_EPS)
+    src = _ArraySource(_random_vision_weights(vision, n_embd_text, seed))
+    specs = ernie4_5_vl_vision.tensor_specs(vision, n_embd_text, src, outtype)
+    return write_mmproj(
+        path, vision=vision, n_embd_text=n_embd_text, preprocessor=ernie4_5_vl_vision.Preprocessor(),
+        outtype=outtype, specs=specs, name=f"tiny-mmproj-seed{seed}",
     )
