@@ -28,6 +28,9 @@ _EXPORTS = {
     "Embeddings": "context",
     "Timings": "context",
     "SamplingParams": "context",
+    "Features": "vision",
+    "IMAGE_MARKER": "multimodal",
+    "VIDEO_MARKER": "multimodal",
     "system_info": "system",
     "set_log_level": "_lib",
     "ErnieError": "errors",
@@ -40,6 +43,8 @@ _EXPORTS = {
     "PromptTooLongError": "errors",
     "TokenizeError": "errors",
     "QuantizeError": "errors",
+    "ImageError": "errors",
+    "EncodeError": "errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]

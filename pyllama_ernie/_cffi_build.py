@@ -288,6 +288,7 @@ uint32_t mtmd_bitmap_get_nx(const mtmd_bitmap * bitmap);
 uint32_t mtmd_bitmap_get_ny(const mtmd_bitmap * bitmap);
 void mtmd_bitmap_free(mtmd_bitmap * bitmap);
 void mtmd_bitmap_set_id(mtmd_bitmap * bitmap, const char * id);
+void mtmd_bitmap_set_mergeable(mtmd_bitmap * bitmap, bool mergeable);
 mtmd_input_chunks * mtmd_input_chunks_init(void);
 size_t mtmd_input_chunks_size(const mtmd_input_chunks * chunks);
 const mtmd_input_chunk * mtmd_input_chunks_get(const mtmd_input_chunks * chunks, size_t idx);

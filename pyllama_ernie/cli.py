@@ -39,15 +39,29 @@ def _progress_bar(label: str) -> Callable[[float], bool]:
     return update
 
 
+def _media_prompt(prompt: str, n_images: int, n_videos: int) -> str:
+    """Put markers for the given images and videos first, unless the prompt already places them."""
+    from .multimodal import IMAGE_MARKER, VIDEO_MARKER
+
+    if (n_images or n_videos) and IMAGE_MARKER not in prompt and VIDEO_MARKER not in prompt:
+        prompt = VIDEO_MARKER * n_videos + IMAGE_MARKER * n_images + prompt
+    return prompt
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .model import Model
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    images, videos = args.image or [], args.video or []
+    if (images or videos) and not args.mmproj:
+        raise ValueError("--image and --video need --mmproj (the model's vision projector file)")
+    prompt = _media_prompt(prompt, len(images), len(videos))
     with Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-               seed=args.seed, progress=_progress_bar("loading")) as model:
+               seed=args.seed, progress=_progress_bar("loading"), mmproj_path=args.mmproj) as model:
         for piece in model.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                  repeat_penalty=args.repeat_penalty, stop=args.stop or None):
+                                  repeat_penalty=args.repeat_penalty, stop=args.stop or None,
+                                  images=images, videos=videos):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -112,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-c", "--n-ctx", type=int, default=4096)
     r.add_argument("-t", "--threads", type=int, default=None)
     r.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
+    r.add_argument("--mmproj", default=None, help="the vision projector .gguf of an ERNIE-4.5-VL model")
+    r.add_argument("--image", action="append", metavar="PATH",
+                   help="an image (repeatable); placed at the prompt's image markers, else before the prompt")
+    r.add_argument("--video", action="append", nargs="+", metavar="FRAME",
+                   help="a video as its frame image files (repeatable)")
     r.set_defaults(func=_cmd_run)
 
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint to GGUF", add_help=False)
@@ -143,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["convert"]:  # the converter has its own parser (and --help)
+        from .convert.cli import main as convert_main
+
+        return convert_main(argv[1:])
     args = build_parser().parse_args(argv)
     from . import errors
     from ._lib import set_log_level

@@ -20,6 +20,8 @@ __all__ = [
     "PromptTooLongError",
     "TokenizeError",
     "QuantizeError",
+    "ImageError",
+    "EncodeError",
     "raise_error",
 ]
 
@@ -74,6 +76,17 @@ class TokenizeError(ErnieError, ValueError):
 
 class QuantizeError(ErnieError):
     """``llama_model_quantize`` failed."""
+
+
+class ImageError(ErnieError, ValueError):
+    """An image (or video frame) could not be read, or is not one the model can take."""
+
+    def __init__(self, message: str, *, llama_log: Optional[str] = "") -> None:
+        super().__init__(message, llama_log=llama_log)
+
+
+class EncodeError(ErnieError):
+    """The vision encoder (mmproj) failed on an image."""
 
 
 # --- what llama.cpp logged about a failure, fed by the log callback in _lib ---

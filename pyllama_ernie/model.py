@@ -16,8 +16,15 @@ import numpy as np
 
 from . import _lib, errors
 from ._lib import ffi, lib
-from .context import Completion, Context, Embeddings, SamplingParams
-from .errors import ClosedError, InvalidModelFileError, ModelLoadError, TokenizeError
+from .context import Completion, Context, Embeddings, SamplingParams, default_threads
+from .errors import (
+    ClosedError,
+    ImageError,
+    InvalidModelFileError,
+    ModelLoadError,
+    TokenizeError,
+)
+from .vision import Features, Projector
 
 __all__ = ["Model", "Prompt"]
 
@@ -69,6 +76,8 @@ class Model(_lib.CResource):
         use_mmap: map the file instead of reading it.
         progress: ``callable(fraction) -> bool | None`` called while loading;
             returning False cancels the load (ModelLoadError).
+        mmproj_path: the vision projector (mmproj ``.gguf``) of an ERNIE-4.5-VL
+            model; with it, prompts take images and videos (see ``IMAGE_MARKER``).
 
     The model is freed by :meth:`close`, by leaving a ``with`` block, or at
     garbage collection. Use after close raises :class:`ClosedError`.
@@ -88,8 +97,11 @@ class Model(_lib.CResource):
         kv_cache_type: str = "f16",
         use_mmap: bool = True,
         progress: Optional[Callable[[float], Optional[bool]]] = None,
+        mmproj_path: Optional[PathLike] = None,
     ) -> None:
         self._ptr = None
+        #: the vision projector (None without ``mmproj_path``)
+        self.projector: Optional[Projector] = None
         self._contexts: "weakref.WeakSet[Context]" = weakref.WeakSet()
         self._default_ctx: Optional[Context] = None
         self._eog: Optional[List[int]] = None
@@ -127,6 +139,9 @@ class Model(_lib.CResource):
         )
         try:
             self._default_ctx = Context(self, **self._ctx_args)
+            if mmproj_path is not None:
+                self.projector = Projector(mmproj_path, self, n_threads=n_threads or default_threads(),
+                                           use_gpu=n_gpu_layers != 0, flash_attn=flash_attn)
         except BaseException:
             self.close()
             raise
@@ -147,6 +162,9 @@ class Model(_lib.CResource):
             ctx.close()
         self._default_ctx = None
         self._embd_tensor = None
+        if self.projector is not None:
+            self.projector.close()
+            self.projector = None
         if self._ptr is not None:
             lib.llama_model_free(self._ptr)
             self._ptr = None
@@ -314,7 +332,13 @@ class Model(_lib.CResource):
                 raise TokenizeError(f"token id {t} is outside the vocabulary (0..{n_vocab - 1})", llama_log="")
         return toks
 
-    def _prompt_tokens(self, prompt: Prompt) -> List[Any]:
+    def _prompt_tokens(self, prompt: Prompt, images: Optional[Sequence[Any]] = None,
+                       videos: Optional[Sequence[Any]] = None) -> List[Any]:
+        if images or videos:
+            from .multimodal import multimodal_prompt
+
+            toks, _ = multimodal_prompt(self, prompt, list(images or []), list(videos or []), self.ctx.n_ctx)
+            return toks
         if isinstance(prompt, str):
             toks: List[Any] = self.tokenize(prompt)
         elif isinstance(prompt, (bytes, bytearray)):
@@ -341,15 +365,53 @@ class Model(_lib.CResource):
             return rows.astype(np.float32)
         return gguf.quants.dequantize(rows, t.tensor_type).astype(np.float32).reshape(len(toks), -1)
 
+    # --- vision ---------------------------------------------------------
+
+    def _projector(self) -> Projector:
+        self._handle()
+        if self.projector is None:
+            raise ImageError("this model has no vision projector: load it with Model(..., mmproj_path=...)")
+        return self.projector
+
+    def _encode_media(self, media: Any) -> Features:
+        from .multimodal import features_of
+
+        self._projector()
+        return features_of(self, media)
+
+    def image_features(self, image: Any) -> Features:
+        """Encode one image (path, bytes, PIL image or HxWx3 uint8 array) with the projector.
+
+        The image is resized as the reference processor resizes it; the result's
+        ``data`` has one row per image token (row-major over ``grid_h x grid_w``).
+        """
+        from .multimodal import prepare_image
+
+        self._projector()
+        return self._encode_media(prepare_image(self, image))
+
+    def video_features(self, frames: Sequence[Any]) -> Features:
+        """Encode a video given as its frames (an odd count is padded by repeating the last frame).
+
+        ``data`` holds ``n_frames`` grids (one per pair of frames) one after the other.
+        """
+        from .multimodal import prepare_video
+
+        self._projector()
+        return self._encode_media(prepare_video(self, frames))
+
     # --- evaluation -----------------------------------------------------
 
-    def logits(self, prompt: Prompt) -> np.ndarray:
+    def logits(self, prompt: Prompt, *, images: Optional[Sequence[Any]] = None,
+               videos: Optional[Sequence[Any]] = None) -> np.ndarray:
         """Logits at every position of ``prompt`` (str, tokenized with BOS, or token ids).
 
-        Returns a float32 array of shape ``(n_tokens, n_vocab)``; row i scores
-        the token that follows position i.
+        Returns a float32 array of shape ``(n_positions, n_vocab)``; row i scores
+        the token that follows position i. With ``images``/``videos`` (see
+        :meth:`generate`) every image token is a position, so the rows line up
+        with the reference's input ids.
         """
-        return self.ctx.logits(self._prompt_tokens(prompt))
+        return self.ctx.logits(self._prompt_tokens(prompt, images, videos))
 
     def _sampling(self, temperature: float, top_k: int, top_p: float, min_p: float,
                   repeat_penalty: float, seed: Optional[int]) -> SamplingParams:
@@ -371,6 +433,8 @@ class Model(_lib.CResource):
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         ignore_eos: bool = False,
+        images: Optional[Sequence[Any]] = None,
+        videos: Optional[Sequence[Any]] = None,
     ) -> Iterator[str]:
         """Generate from ``prompt``, yielding text pieces as they are produced.
 
@@ -378,7 +442,7 @@ class Model(_lib.CResource):
         Arguments are checked (and the prompt tokenized) before the first piece.
         """
         gen = self._run(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
-                        ignore_eos)
+                        ignore_eos, images, videos)
 
         def pieces() -> Iterator[str]:
             for item in gen:
@@ -400,6 +464,8 @@ class Model(_lib.CResource):
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         ignore_eos: bool = False,
+        images: Optional[Sequence[Any]] = None,
+        videos: Optional[Sequence[Any]] = None,
     ) -> Completion:
         """Generate a completion of ``prompt``.
 
@@ -412,13 +478,16 @@ class Model(_lib.CResource):
             seed: sampling seed (default: the model's ``seed``; None = random).
             stop: strings that end generation; they are not included in the text.
             ignore_eos: never produce end-of-generation tokens (benchmarks).
+            images: images for the ``IMAGE_MARKER``s in ``prompt``, in order: file
+                paths, bytes, PIL images or HxWx3 uint8 arrays (needs ``mmproj_path``).
+            videos: videos for the ``VIDEO_MARKER``s, each a list of frames.
 
         Generation also stops on the model's end-of-generation tokens and when
         the context is full (``finish_reason == "length"``).
         """
         result: Optional[Completion] = None
         for item in self._run(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
-                              ignore_eos):
+                              ignore_eos, images, videos):
             if isinstance(item, Completion):
                 result = item
         assert result is not None
@@ -426,9 +495,10 @@ class Model(_lib.CResource):
 
     def _run(self, prompt: Prompt, max_tokens: int, temperature: float, top_k: int, top_p: float,
              min_p: float, repeat_penalty: float, seed: Optional[int],
-             stop: Union[str, Sequence[str], None], ignore_eos: bool) -> Iterator[Union[str, Completion]]:
-        tokens = self._prompt_tokens(prompt)
+             stop: Union[str, Sequence[str], None], ignore_eos: bool, images: Optional[Sequence[Any]] = None,
+             videos: Optional[Sequence[Any]] = None) -> Iterator[Union[str, Completion]]:
         params = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        tokens = self._prompt_tokens(prompt, images, videos)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")

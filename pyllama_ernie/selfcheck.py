@@ -166,6 +166,34 @@ def _devices() -> List[tuple]:
     return out
 
 
+def _mmproj_weights(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {t.name: np.array(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+            for t in reader.tensors}
+
+
+def check_vision(model_path: Path, mmproj_path: Path, n_gpu_layers: int) -> tuple:
+    """Encode an image with the mmproj and with NumPy; generate with it. Returns (rel. error, ok greedy)."""
+    from . import _vision_numpy
+    from .images import normalize
+    from .model import Model
+    from .multimodal import IMAGE_MARKER
+
+    rgb = np.random.default_rng(1).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+    with Model(model_path, mmproj_path=mmproj_path, n_ctx=256, n_gpu_layers=n_gpu_layers, kv_cache_type="f32",
+               flash_attn=False, seed=0) as m:
+        ours = m.image_features(rgb).data.astype(np.float64)
+        ref = _vision_numpy.encode_image(_mmproj_weights(mmproj_path), normalize(rgb), n_head=2)
+        err = float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-9))
+        prompt = f"Picture 1:{IMAGE_MARKER}What is in it?"
+        a = m.generate(prompt, images=[rgb], max_tokens=8, temperature=0)
+        m.ctx.reset()
+        b = m.generate(prompt, images=[rgb], max_tokens=8, temperature=0)
+    return err, a.tokens == b.tokens
+
+
 def check_one(path: Path, arch: str, device: str, n_gpu_layers: int) -> CheckResult:
     from .model import Model
 
@@ -188,6 +216,11 @@ def check_one(path: Path, arch: str, device: str, n_gpu_layers: int) -> CheckRes
                 ours_e = m.logits([Embeddings(rows, pos, next_pos=nxt)]).astype(np.float64)
                 ref_e = numpy_forward(path, [], embeddings=rows, positions=pos)
                 err = max(err, float(np.abs(ours_e - ref_e).max() / max(np.abs(ref_e).max(), 1e-9)))
+                # the vision projector on an image, and a prompt with that image
+                from .convert.synthetic import write_tiny_mmproj
+
+                mmproj = write_tiny_mmproj(path.with_name("mmproj-" + path.name), n_embd_text=m.n_embd, seed=0)
+                vision_err, vision_det = check_vision(path, mmproj, n_gpu_layers)
             a = m.generate(toks, max_tokens=32, temperature=0)
             m.ctx.reset()
             b = m.generate(toks, max_tokens=32, temperature=0)
@@ -198,6 +231,12 @@ def check_one(path: Path, arch: str, device: str, n_gpu_layers: int) -> CheckRes
     except Exception as e:  # report, do not crash: this is a diagnostic command
         return CheckResult(arch, device, False, f"{type(e).__name__}: {e}", 0.0)
     problems = []
+    if arch == "ernie4_5-vl-moe":
+        if vision_err > TOLERANCE:
+            problems.append(f"image features differ from NumPy by {vision_err:.2e} (> {TOLERANCE:g})")
+        if not vision_det:
+            problems.append("greedy generation with an image is not deterministic")
+        err = max(err, vision_err)
     if not np.isfinite(ours).all():
         problems.append("non-finite logits")
     if err > TOLERANCE:
@@ -205,6 +244,8 @@ def check_one(path: Path, arch: str, device: str, n_gpu_layers: int) -> CheckRes
     if a.tokens != b.tokens:
         problems.append("greedy generation is not deterministic")
     detail = "; ".join(problems) or f"logits rel. err {err:.1e}, greedy deterministic"
+    if arch == "ernie4_5-vl-moe" and not problems:
+        detail += f", image features rel. err {vision_err:.1e}"
     tps = speed.completion_tokens / dt if dt > 0 else 0.0
     return CheckResult(arch, device, not problems, detail, tps)
 

@@ -1,0 +1,245 @@
+"""Projector: owns one ``mtmd_context`` (an mmproj GGUF) and turns pixels into embeddings.
+
+Images reach the encoder already resized in Python exactly as the reference
+processor resizes them (:mod:`pyllama_ernie.images`), so mtmd only normalizes
+them (its ERNIE preprocessor computes the same size and does not resample).
+The features come back as float32 rows in the order the language model takes
+them: merged tokens row-major over the ``grid_h x grid_w`` grid, and for a
+video one such grid per pair of frames.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import _lib, errors
+from ._lib import ffi, lib
+from .errors import (
+    ClosedError,
+    EncodeError,
+    ImageError,
+    InvalidModelFileError,
+    ModelLoadError,
+)
+
+__all__ = ["Projector", "Features", "ProjectorInfo", "read_projector_info"]
+
+_MARKER = "<__media__>"
+
+
+@dataclass(frozen=True)
+class ProjectorInfo:
+    """What an mmproj file says about its input (read from its GGUF metadata)."""
+
+    projector_type: str
+    patch_size: int
+    merge_size: int
+    min_pixels: int
+    max_pixels: int
+    projection_dim: int
+
+    @property
+    def factor(self) -> int:
+        """Image sides are resized to multiples of this (patch size x merge size)."""
+        return self.patch_size * self.merge_size
+
+
+def read_projector_info(path: Path) -> ProjectorInfo:
+    """Read and check the keys of an ERNIE-4.5-VL mmproj file."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise InvalidModelFileError(f"{path} is not a readable GGUF file: {e}", llama_log="") from e
+
+    def value(key: str) -> Any:
+        field = reader.get_field(key)
+        if field is None:
+            return None
+        return field.contents()
+
+    arch = value("general.architecture")
+    if arch != "clip":
+        raise InvalidModelFileError(
+            f"{path} is not an mmproj (projector) file: its architecture is {arch!r}, not 'clip'"
+            " (was the language model given as mmproj_path?)", llama_log="")
+    ptype = value("clip.projector_type") or value("clip.vision.projector_type")
+    if ptype != "ernie4_5vl":
+        raise InvalidModelFileError(
+            f"{path} has projector type {ptype!r}; this package runs ERNIE-4.5-VL projectors ('ernie4_5vl')",
+            llama_log="")
+    keys = {
+        "patch_size": "clip.vision.patch_size",
+        "merge_size": "clip.vision.spatial_merge_size",
+        "min_pixels": "clip.vision.image_min_pixels",
+        "max_pixels": "clip.vision.image_max_pixels",
+        "projection_dim": "clip.vision.projection_dim",
+    }
+    got: Dict[str, int] = {}
+    for name, key in keys.items():
+        v = value(key)
+        if not isinstance(v, int) or v <= 0:
+            raise InvalidModelFileError(f"{path}: missing or invalid {key} ({v!r})", llama_log="")
+        got[name] = v
+    if got["min_pixels"] > got["max_pixels"]:
+        raise InvalidModelFileError(f"{path}: image_min_pixels exceeds image_max_pixels", llama_log="")
+    return ProjectorInfo(projector_type=ptype, **got)
+
+
+@dataclass(frozen=True)
+class Features:
+    """Encoder output for one image or video: ``data`` is ``(n_frames * grid_h * grid_w, n_embd)``."""
+
+    data: np.ndarray
+    grid_h: int
+    grid_w: int
+    n_frames: int = 1  # temporal positions: 1 for an image, frame pairs for a video
+
+
+class Projector(_lib.CResource):
+    """The vision encoder and resampler of an ERNIE-4.5-VL model (an mmproj GGUF).
+
+    Made by :class:`pyllama_ernie.Model` when given ``mmproj_path``; it needs
+    the language model (for the vocabulary and the embedding width).
+    Encoding is serialized: one image at a time per projector.
+    """
+
+    def __init__(self, path: "os.PathLike[str] | str", model: Any, *, n_threads: int,
+                 use_gpu: bool = False, flash_attn: Optional[bool] = None) -> None:
+        from .model import check_gguf_file
+
+        self._ptr = None
+        self._lock = threading.Lock()
+        self.path = check_gguf_file(path)
+        self.info = read_projector_info(self.path)
+        if self.info.projection_dim != model.n_embd:
+            raise InvalidModelFileError(
+                f"{self.path.name} projects to width {self.info.projection_dim} but {model.path.name} "
+                f"embeds tokens in {model.n_embd}: the mmproj belongs to another model", llama_log="")
+        _lib.ensure_init()
+        params = lib.mtmd_context_params_default()
+        params.use_gpu = use_gpu
+        params.print_timings = False
+        params.n_threads = int(n_threads)
+        params.warmup = False
+        if flash_attn is not None:
+            params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                      else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self._marker = ffi.new("char[]", _MARKER.encode())
+        params.media_marker = self._marker
+        errors.clear_log_line()
+        ptr = lib.mtmd_init_from_file(str(self.path).encode(), model._handle(), params)
+        if ptr == ffi.NULL:
+            errors.raise_error(ModelLoadError, f"loading the projector {self.path}")
+        self._ptr = ptr
+        self.n_embd = int(model.n_embd)
+
+    def close(self) -> None:
+        """Free the projector. Safe to call twice."""
+        if self._ptr is not None:
+            with self._lock:
+                lib.mtmd_free(self._ptr)
+                self._ptr = None
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def _handle(self) -> Any:
+        if self._ptr is None:
+            raise ClosedError("the projector is closed")
+        return self._ptr
+
+    def encode(self, frames: Sequence[np.ndarray], *, check_size: bool = True) -> Features:
+        """Encode one image (one frame) or one pair of video frames.
+
+        ``frames`` are HxWx3 uint8 RGB arrays whose sides are multiples of
+        :attr:`ProjectorInfo.factor` (see :func:`pyllama_ernie.images.resize_for_model`).
+        ``check_size=False`` lets mtmd resize them itself (its bicubic filter
+        differs slightly from PIL's, which the reference uses).
+        """
+        if len(frames) not in (1, 2):
+            raise ValueError("encode takes one image or one pair of video frames")
+        h, w = frames[0].shape[:2]
+        f = self.info.factor
+        for fr in frames:
+            if fr.dtype != np.uint8 or fr.ndim != 3 or fr.shape[2] != 3 or fr.shape[:2] != (h, w):
+                raise ImageError("frames must be HxWx3 uint8 arrays of one size")
+        if check_size and (h % f or w % f or h * w > self.info.max_pixels or h * w < self.info.min_pixels):
+            raise ImageError(f"a {w}x{h} image was not resized for this projector "
+                             f"(sides multiples of {f}, {self.info.min_pixels}..{self.info.max_pixels} pixels)")
+        with self._lock:
+            return self._encode_locked(frames)
+
+    def _encode_locked(self, frames: Sequence[np.ndarray]) -> Features:
+        ctx = self._handle()
+        bitmaps: List[Any] = []
+        chunks = ffi.NULL
+        try:
+            for fr in frames:
+                data = np.ascontiguousarray(fr)
+                bm = lib.mtmd_bitmap_init(data.shape[1], data.shape[0], ffi.from_buffer(data))
+                if bm == ffi.NULL:
+                    raise EncodeError("mtmd_bitmap_init failed")
+                bitmaps.append(bm)
+                if len(frames) == 2:
+                    lib.mtmd_bitmap_set_mergeable(bm, True)
+            text = ffi.new("mtmd_input_text *")
+            marker_text = (_MARKER * len(frames)).encode()
+            text_buf = ffi.new("char[]", marker_text)
+            text.text = text_buf
+            text.text_len = len(marker_text)
+            text.add_special = False
+            text.parse_special = True
+            arr = ffi.new("const mtmd_bitmap *[]", bitmaps)
+            chunks = lib.mtmd_input_chunks_init()
+            errors.clear_log_line()
+            rc = lib.mtmd_tokenize(ctx, chunks, text, arr, len(bitmaps))
+            if rc != 0:
+                errors.raise_error(EncodeError, "preparing the image for the encoder (mtmd_tokenize)", rc)
+            image_chunks = [lib.mtmd_input_chunks_get(chunks, i) for i in range(lib.mtmd_input_chunks_size(chunks))]
+            image_chunks = [c for c in image_chunks
+                            if lib.mtmd_input_chunk_get_type(c) == lib.MTMD_INPUT_CHUNK_TYPE_IMAGE]
+            if len(image_chunks) != 1:
+                raise EncodeError(f"expected one image chunk, mtmd made {len(image_chunks)}", llama_log="")
+            chunk = image_chunks[0]
+            tokens = lib.mtmd_input_chunk_get_tokens_image(chunk)
+            n = int(lib.mtmd_image_tokens_get_n_tokens(tokens))
+            last = lib.mtmd_image_tokens_get_decoder_pos(tokens, 0, n - 1)
+            grid_h, grid_w = int(last.y) + 1, int(last.x) + 1
+            if grid_h * grid_w != n:
+                raise EncodeError(f"unexpected token grid {grid_h}x{grid_w} for {n} tokens", llama_log="")
+            rc = lib.mtmd_encode_chunk(ctx, chunk)
+            if rc != 0:
+                errors.raise_error(EncodeError, "encoding the image (mtmd_encode_chunk)", rc)
+            out = lib.mtmd_get_output_embd(ctx)
+            data = np.frombuffer(ffi.buffer(out, n * self.n_embd * 4), dtype=np.float32)
+            data = data.reshape(n, self.n_embd).copy()
+        finally:
+            if chunks != ffi.NULL:
+                lib.mtmd_input_chunks_free(chunks)
+            for bm in bitmaps:
+                lib.mtmd_bitmap_free(bm)
+        if not np.isfinite(data).all():
+            raise EncodeError("the vision encoder produced NaN or infinite values", llama_log="")
+        return Features(data, grid_h, grid_w)
+
+    def encode_video(self, frames: Sequence[np.ndarray]) -> Features:
+        """Encode an even number of frames as consecutive pairs (the reference's temporal merge)."""
+        if len(frames) < 2 or len(frames) % 2:
+            raise ImageError("a video needs an even, non-zero number of frames (pad by repeating the last)")
+        parts = [self.encode(frames[i:i + 2]) for i in range(0, len(frames), 2)]
+        return Features(np.concatenate([p.data for p in parts]), parts[0].grid_h, parts[0].grid_w,
+                        n_frames=len(parts))
+
+    def tokens_for(self, height: int, width: int) -> Tuple[int, int]:
+        """The token grid ``(grid_h, grid_w)`` of an image already resized to ``height x width``."""
+        f = self.info.factor
+        return height // f, width // f
