@@ -103,6 +103,9 @@ MIN_PIXELS = 56 * 56
 MAX_PIXELS = 28 * 28 * 6177
 #: ``max(h, w) / min(h, w)`` above this is refused, as the reference refuses it.
 MAX_ASPECT_RATIO = 200
+#: The reference video processor's defaults: video frames have their own pixel limits.
+VIDEO_MIN_PIXELS = 299 * 28 * 28
+VIDEO_MAX_PIXELS = 1196 * 28 * 28
 
 _RESCALE = 1 / 255  # the reference's rescale_factor (multiplied in float64)
 

@@ -72,7 +72,8 @@ def prepare_video(model: "Model", frames: Sequence[Any]) -> _Media:
     if isinstance(frames, (str, bytes)) or not isinstance(frames, Sequence):
         raise ImageError("a video is a list of frames (paths, bytes, PIL images or arrays)")
     info = model.projector.info
-    fr = _images.video_frames(frames, min_pixels=info.min_pixels, max_pixels=info.max_pixels,
+    # the reference's video processor sizes frames with its own limits, not the image ones
+    fr = _images.video_frames(frames, min_pixels=_images.VIDEO_MIN_PIXELS, max_pixels=_images.VIDEO_MAX_PIXELS,
                               factor=info.factor)
     h, w = fr[0].shape[:2]
     media = _Media("video", list(fr), h // info.factor, w // info.factor)

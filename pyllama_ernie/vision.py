@@ -235,7 +235,8 @@ class Projector(_lib.CResource):
         """Encode an even number of frames as consecutive pairs (the reference's temporal merge)."""
         if len(frames) < 2 or len(frames) % 2:
             raise ImageError("a video needs an even, non-zero number of frames (pad by repeating the last)")
-        parts = [self.encode(frames[i:i + 2]) for i in range(0, len(frames), 2)]
+        # frames are sized by the video limits (pyllama_ernie.images.VIDEO_MIN_PIXELS ...), not the image ones
+        parts = [self.encode(frames[i:i + 2], check_size=False) for i in range(0, len(frames), 2)]
         return Features(np.concatenate([p.data for p in parts]), parts[0].grid_h, parts[0].grid_w,
                         n_frames=len(parts))
 

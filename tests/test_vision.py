@@ -171,7 +171,8 @@ def _reference_case(ref, tok, prompt, images, videos):
         kw.update(pixel_values=pv, image_grid_thw=grid)
         img_tokens = [int(g.prod()) // 4 for g in grid]
     if videos:
-        frames = [imgs.video_frames(v, min_pixels=56 * 56, max_pixels=28 * 28 * 6177) for v in videos]
+        # the video processor's own pixel limits (its defaults), as its _preprocess applies them
+        frames = [imgs.video_frames(v, min_pixels=299 * 28 * 28, max_pixels=1196 * 28 * 28) for v in videos]
         parts = [_video_inputs(f) for f in frames]
         kw.update(pixel_values_videos=torch.cat([p[0] for p in parts]),
                   video_grid_thw=torch.cat([p[1] for p in parts]))
