@@ -70,6 +70,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from .errors import ImageError  # defined with the other errors; raised here
+
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
 
@@ -108,14 +110,6 @@ VIDEO_MIN_PIXELS = 299 * 28 * 28
 VIDEO_MAX_PIXELS = 1196 * 28 * 28
 
 _RESCALE = 1 / 255  # the reference's rescale_factor (multiplied in float64)
-
-
-class ImageError(ValueError):
-    """An image could not be read, or is not one the model can take.
-
-    The message names the input and the cause; the underlying exception (if any) is
-    chained as ``__cause__``.
-    """
 
 
 def _pil() -> Any:
