@@ -80,7 +80,8 @@ class Completion:
 
     text: str
     tokens: List[int]
-    finish_reason: str  # "stop" (end-of-generation token or stop string) or "length"
+    #: "stop" (end-of-generation token or stop string), "length" or "cancelled"
+    finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     #: prompt tokens actually evaluated (the rest came from the KV cache)
@@ -88,6 +89,8 @@ class Completion:
     timings: Timings
     #: the stop string that ended generation, if any
     stop: Optional[str] = field(default=None)
+    #: images and videos run through the vision encoder for this call (the rest came from the cache)
+    images_encoded: int = 0
 
 
 @dataclass(frozen=True)
@@ -522,11 +525,14 @@ class Context(_lib.CResource):
         sampling: SamplingParams,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        cancel: Optional[threading.Event] = None,
     ) -> Iterator[Union[str, Completion]]:
         """The decode loop: yields text pieces, then one final :class:`Completion`.
 
         Pieces never split a UTF-8 character and never contain (part of) a stop string.
-        With ``ignore_eos`` end-of-generation tokens are never sampled.
+        With ``ignore_eos`` end-of-generation tokens are never sampled. :meth:`cancel`
+        (or setting ``cancel``) from another thread ends generation within one token,
+        with ``finish_reason == "cancelled"``.
         """
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
@@ -562,6 +568,9 @@ class Context(_lib.CResource):
                         if not isinstance(u, tuple):
                             sampler.accept(u)
                 for _ in range(max_tokens):
+                    if self._abort[0] or (cancel is not None and cancel.is_set()):
+                        finish = "cancelled"
+                        break
                     if len(keys) >= self.n_ctx:
                         break
                     if sampler is None:
@@ -605,6 +614,11 @@ class Context(_lib.CResource):
                     b.logits[0] = 1
                     b.n_tokens = 1
                     rc = lib.llama_decode(ctx, b)
+                    if rc == 2 and self._abort[0]:  # cancelled inside the decode: the cache is cleared
+                        self._clear()
+                        self._abort[0] = 0
+                        finish = "cancelled"
+                        break
                     if rc != 0:
                         self._decode_failed(rc)
                     pos += 1

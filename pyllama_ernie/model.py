@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -102,6 +104,8 @@ class Model(_lib.CResource):
         self._ptr = None
         #: the vision projector (None without ``mmproj_path``)
         self.projector: Optional[Projector] = None
+        self._media_cache: "OrderedDict[bytes, Features]" = OrderedDict()
+        self._media_lock = threading.Lock()
         self._contexts: "weakref.WeakSet[Context]" = weakref.WeakSet()
         self._default_ctx: Optional[Context] = None
         self._eog: Optional[List[int]] = None
@@ -334,11 +338,24 @@ class Model(_lib.CResource):
 
     def _prompt_tokens(self, prompt: Prompt, images: Optional[Sequence[Any]] = None,
                        videos: Optional[Sequence[Any]] = None) -> List[Any]:
+        return self._prompt(prompt, images, videos)[0]
+
+    def _prompt(self, prompt: Prompt, images: Optional[Sequence[Any]] = None, videos: Optional[Sequence[Any]] = None,
+                add_special: bool = True) -> "tuple[List[Any], int]":
+        """(token ids and Embeddings, images and videos encoded for it)."""
         if images or videos:
             from .multimodal import multimodal_prompt
 
-            toks, _ = multimodal_prompt(self, prompt, list(images or []), list(videos or []), self.ctx.n_ctx)
-            return toks
+            return multimodal_prompt(self, prompt, list(images or []), list(videos or []), self.ctx.n_ctx,
+                                     add_special=add_special)
+        if isinstance(prompt, str) and not add_special:
+            toks = self.tokenize(prompt, add_special=False)
+            if not toks:
+                raise ValueError("the prompt is empty")
+            return toks, 0
+        return self._prompt_tokens_plain(prompt), 0
+
+    def _prompt_tokens_plain(self, prompt: Prompt) -> List[Any]:
         if isinstance(prompt, str):
             toks: List[Any] = self.tokenize(prompt)
         elif isinstance(prompt, (bytes, bytearray)):
@@ -373,11 +390,34 @@ class Model(_lib.CResource):
             raise ImageError("this model has no vision projector: load it with Model(..., mmproj_path=...)")
         return self.projector
 
-    def _encode_media(self, media: Any) -> Features:
-        from .multimodal import features_of
+    #: how many encoded images/videos the model keeps (by content hash of their resized pixels)
+    media_cache_size = 32
+
+    def _media_features(self, media: Any) -> "tuple[Features, bool]":
+        """Features of prepared media, from the cache when the same pixels were encoded before."""
+        from .multimodal import features_of, media_key
 
         self._projector()
-        return features_of(self, media)
+        key = media_key(media)
+        with self._media_lock:
+            hit = self._media_cache.get(key)
+            if hit is not None:
+                self._media_cache.move_to_end(key)
+                return hit, False
+        feats = features_of(self, media)
+        with self._media_lock:
+            self._media_cache[key] = feats
+            while len(self._media_cache) > self.media_cache_size:
+                self._media_cache.popitem(last=False)
+        return feats, True
+
+    def media_cache_clear(self) -> None:
+        """Forget the encoded images and videos kept for reuse."""
+        with self._media_lock:
+            self._media_cache.clear()
+
+    def _encode_media(self, media: Any) -> Features:
+        return self._media_features(media)[0]
 
     def image_features(self, image: Any) -> Features:
         """Encode one image (path, bytes, PIL image or HxWx3 uint8 array) with the projector.
@@ -435,6 +475,7 @@ class Model(_lib.CResource):
         ignore_eos: bool = False,
         images: Optional[Sequence[Any]] = None,
         videos: Optional[Sequence[Any]] = None,
+        cancel: Optional[threading.Event] = None,
     ) -> Iterator[str]:
         """Generate from ``prompt``, yielding text pieces as they are produced.
 
@@ -442,7 +483,7 @@ class Model(_lib.CResource):
         Arguments are checked (and the prompt tokenized) before the first piece.
         """
         gen = self._run(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
-                        ignore_eos, images, videos)
+                        ignore_eos, images, videos, cancel)
 
         def pieces() -> Iterator[str]:
             for item in gen:
@@ -466,6 +507,7 @@ class Model(_lib.CResource):
         ignore_eos: bool = False,
         images: Optional[Sequence[Any]] = None,
         videos: Optional[Sequence[Any]] = None,
+        cancel: Optional[threading.Event] = None,
     ) -> Completion:
         """Generate a completion of ``prompt``.
 
@@ -481,13 +523,16 @@ class Model(_lib.CResource):
             images: images for the ``IMAGE_MARKER``s in ``prompt``, in order: file
                 paths, bytes, PIL images or HxWx3 uint8 arrays (needs ``mmproj_path``).
             videos: videos for the ``VIDEO_MARKER``s, each a list of frames.
+            cancel: a ``threading.Event``; setting it (or calling :meth:`cancel`) from
+                another thread ends generation within one token, with
+                ``finish_reason == "cancelled"``.
 
         Generation also stops on the model's end-of-generation tokens and when
         the context is full (``finish_reason == "length"``).
         """
         result: Optional[Completion] = None
         for item in self._run(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
-                              ignore_eos, images, videos):
+                              ignore_eos, images, videos, cancel):
             if isinstance(item, Completion):
                 result = item
         assert result is not None
@@ -496,9 +541,10 @@ class Model(_lib.CResource):
     def _run(self, prompt: Prompt, max_tokens: int, temperature: float, top_k: int, top_p: float,
              min_p: float, repeat_penalty: float, seed: Optional[int],
              stop: Union[str, Sequence[str], None], ignore_eos: bool, images: Optional[Sequence[Any]] = None,
-             videos: Optional[Sequence[Any]] = None) -> Iterator[Union[str, Completion]]:
+             videos: Optional[Sequence[Any]] = None, cancel: Optional[threading.Event] = None,
+             add_special: bool = True) -> Iterator[Union[str, Completion]]:
         params = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
-        tokens = self._prompt_tokens(prompt, images, videos)
+        tokens, n_encoded = self._prompt(prompt, images, videos, add_special=add_special)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
@@ -507,4 +553,127 @@ class Model(_lib.CResource):
             raise errors.PromptTooLongError(
                 f"the prompt has {len(tokens)} tokens; the context holds {ctx.n_ctx} "
                 "(create the Model with a larger n_ctx)", llama_log="")
-        return ctx.generate_tokens(tokens, max_tokens=max_tokens, sampling=params, stop=stops, ignore_eos=ignore_eos)
+        gen = ctx.generate_tokens(tokens, max_tokens=max_tokens, sampling=params, stop=stops, ignore_eos=ignore_eos,
+                                  cancel=cancel)
+
+        def counted() -> Iterator[Union[str, Completion]]:
+            for item in gen:
+                if isinstance(item, Completion):
+                    item.images_encoded = n_encoded
+                yield item
+
+        return counted()
+
+    def cancel(self) -> None:
+        """Stop what this model's contexts are generating (from any thread).
+
+        A generation ends within one token with ``finish_reason == "cancelled"``;
+        a prompt being evaluated stops with a :class:`DecodeError`. The model
+        stays usable.
+        """
+        for ctx in list(self._contexts):
+            ctx.cancel()
+
+    # --- chat -----------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[Dict[str, Any]], *, add_generation_prompt: bool = True,
+                            enable_thinking: Optional[bool] = None, chat_template: Optional[str] = None,
+                            **template_kwargs: Any) -> str:
+        """The prompt text the chat template makes of ``messages``, images as ``IMAGE_MARKER``.
+
+        Equal to transformers' ``apply_chat_template(..., tokenize=False)`` with
+        the same template and arguments, except that each image (video) run the
+        template writes is replaced by one ``IMAGE_MARKER`` (``VIDEO_MARKER``).
+        """
+        return self._render_chat(messages, add_generation_prompt, enable_thinking, chat_template,
+                                 False, template_kwargs)[0]
+
+    def _render_chat(self, messages: Sequence[Dict[str, Any]], add_generation_prompt: bool,
+                     enable_thinking: Optional[bool], chat_template: Optional[str], allow_remote: bool,
+                     template_kwargs: Dict[str, Any]) -> "tuple[str, List[Any], List[Any]]":
+        from . import chat
+
+        template = chat_template if chat_template is not None else self.chat_template
+        if not template:
+            raise ValueError("this model has no chat template; pass chat_template=... or use generate()")
+        plain, images, videos = chat.prepare_chat(messages, allow_remote=allow_remote)
+        kwargs = dict(template_kwargs)
+        if enable_thinking is not None:
+            kwargs.setdefault("enable_thinking", enable_thinking)
+        text = chat.render_template(template, plain, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self._token_text(self.bos_token),
+                                    eos_token=self._token_text(self.eos_token), **kwargs)
+        return chat.place_media(text, len(images), len(videos)), images, videos
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.token_to_piece(token, special=True).decode("utf-8", "replace")
+
+    def create_chat_completion(
+        self,
+        messages: Sequence[Dict[str, Any]],
+        *,
+        stream: bool = False,
+        max_tokens: int = 512,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        stop: Union[str, Sequence[str], None] = None,
+        seed: Optional[int] = None,
+        enable_thinking: Optional[bool] = None,
+        allow_remote: bool = False,
+        chat_template: Optional[str] = None,
+        cancel: Optional[threading.Event] = None,
+        **template_kwargs: Any,
+    ) -> Union[Dict[str, Any], Iterator[Dict[str, Any]]]:
+        """Answer OpenAI-format ``messages``; returns an OpenAI ``chat.completion`` dict.
+
+        With ``stream=True`` returns an iterator of ``chat.completion.chunk``
+        dicts (the first carries the role, the last ``finish_reason`` and
+        ``usage``). Messages and images are checked and the prompt is built
+        before anything is returned.
+
+        Content is a string or a list of parts: ``{"type": "text", "text": ...}``,
+        ``{"type": "image_url", "image_url": {"url": ...}}`` (``data:`` URI,
+        ``file://`` URL or path; ``http(s)`` only with ``allow_remote=True``),
+        ``{"type": "image", "image": path | bytes | PIL.Image | ndarray}`` and
+        ``{"type": "video", "video": [frames]}``. The GGUF's chat template (or
+        ``chat_template``) is rendered in a jinja2 sandbox; ``enable_thinking``
+        and ``template_kwargs`` are passed to it. ``<think>...</think>`` in the
+        answer becomes ``message["reasoning_content"]``.
+
+        ``usage`` has OpenAI's counts plus ``prompt_tokens_evaluated`` (the rest
+        of the prompt came from the KV cache) and ``images_encoded`` (the rest of
+        the images came from the feature cache). ``finish_reason`` is "stop",
+        "length" or "cancelled" (:meth:`cancel` or ``cancel.set()``).
+        """
+        from . import chat
+
+        prompt, images, videos = self._render_chat(messages, True, enable_thinking, chat_template, allow_remote,
+                                                   template_kwargs)
+        bos = self._token_text(self.bos_token)
+        add_special = not (bos and prompt.startswith(bos))
+        thinking = chat.opens_thinking(prompt)
+        gen = self._run(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
+                        False, images, videos, cancel, add_special=add_special)
+        name = self.path.name
+        if stream:
+            return chat.chunks(name, gen, thinking)
+        result: Optional[Completion] = None
+        for item in gen:
+            if isinstance(item, Completion):
+                result = item
+        assert result is not None
+        return {
+            "id": chat.completion_id(),
+            "object": "chat.completion",
+            "created": chat.now(),
+            "model": name,
+            "choices": [{"index": 0, "message": chat.message(result.text, thinking),
+                         "finish_reason": result.finish_reason}],
+            "usage": chat.usage(result),
+        }
+

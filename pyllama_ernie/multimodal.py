@@ -96,10 +96,11 @@ def _special_id(model: "Model", text: str) -> int:
 
 
 def multimodal_prompt(model: "Model", prompt: str, images: Sequence[Any], videos: Sequence[Any],
-                      n_ctx: int) -> Tuple[List[Union[int, Embeddings]], int]:
+                      n_ctx: int, add_special: bool = True) -> Tuple[List[Union[int, Embeddings]], int]:
     """Token ids and :class:`Embeddings` for ``prompt`` with its images and videos in place.
 
-    Returns the prompt and the number of media encoded. Raises before any
+    Returns the prompt and how many images and videos went through the encoder
+    (the others came from the model's feature cache). Raises before any
     encoding when the markers and the media do not match or the prompt would
     not fit in ``n_ctx`` positions.
     """
@@ -122,7 +123,7 @@ def multimodal_prompt(model: "Model", prompt: str, images: Sequence[Any], videos
 
     ids = {k: tuple(_special_id(model, t) for t in pair) for k, pair in _SPECIAL.items() if k in kinds}
     text = pattern.sub(lambda m: "".join(_SPECIAL["image" if m.group(0) == IMAGE_MARKER else "video"]), prompt)
-    tokens = model.tokenize(text)
+    tokens = model.tokenize(text, add_special=add_special)
 
     # where each run goes: a start token directly followed by its end token, in order
     slots: List[int] = []
@@ -144,17 +145,30 @@ def multimodal_prompt(model: "Model", prompt: str, images: Sequence[Any], videos
     out: List[Union[int, Embeddings]] = []
     pos = 0
     prev = 0
+    n_encoded = 0
     for slot, m in zip(slots, media):
         out.extend(tokens[prev:slot])
         pos += slot - prev
-        feats = model._encode_media(m)
+        feats, encoded = model._media_features(m)
+        n_encoded += encoded
         emb = image_embeddings(feats.data, feats.grid_h, feats.grid_w, pos,
                                start=start_end[m.kind][0], end=start_end[m.kind][1], n_frames=feats.n_frames)
         out.append(emb)
         pos = emb.next_pos
         prev = slot + 2
     out.extend(tokens[prev:])
-    return out, len(media)
+    return out, n_encoded
+
+
+def media_key(media: _Media) -> bytes:
+    """A content hash of prepared media (the resized pixels), for the model's feature cache."""
+    import hashlib
+
+    h = hashlib.blake2b(media.kind.encode(), digest_size=20)
+    for f in media.frames:
+        h.update(repr(f.shape).encode())
+        h.update(np.ascontiguousarray(f).data)
+    return h.digest()
 
 
 def features_of(model: "Model", media: _Media) -> "Features":
