@@ -66,7 +66,9 @@ def __dir__() -> list:
 if TYPE_CHECKING:  # pragma: no cover
     from ._lib import set_log_level
     from .context import Completion, Context, Embeddings, SamplingParams, Timings
-    from .errors import (BusyError, ClosedError, ContextError, DecodeError, ErnieError, InvalidModelFileError,
-                         ModelLoadError, PromptTooLongError, QuantizeError, TokenizeError)
+    from .errors import (BusyError, ClosedError, ContextError, DecodeError, EncodeError, ErnieError, ImageError,
+                         InvalidModelFileError, ModelLoadError, PromptTooLongError, QuantizeError, TokenizeError)
     from .model import Model
+    from .multimodal import IMAGE_MARKER, VIDEO_MARKER
     from .system import system_info
+    from .vision import Features
