@@ -23,7 +23,7 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
     ) from e
 
 __all__ = ["ffi", "lib", "logger", "set_log_level", "ensure_init", "ProgressHandle", "NodeObserver",
-           "abort_flag_callback", "CResource"]
+           "abort_flag_callback", "CResource", "live_handles"]
 
 logger = logging.getLogger("pyllama_ernie")
 if logger.level == logging.NOTSET:
@@ -82,10 +82,47 @@ def _pyllama_ernie_log(level: int, text: Any, user_data: Any) -> None:
 
 _R = TypeVar("_R", bound="CResource")
 
+# live-handle accounting: how many objects of each CResource type hold a C
+# pointer that is not yet freed. An RLock: a finalizer (CResource.__del__) may
+# run in a thread that is already updating the counts.
+_live_lock = threading.RLock()
+_live: dict[str, int] = {}
+
+
+def live_handles() -> dict[str, int]:
+    """Objects whose C object is not yet freed, by type name (e.g. ``{"Model": 1, "Context": 2}``).
+
+    Every type that ever held a C object is listed, with 0 once all are freed;
+    meant for leak checks (``not any(live_handles().values())``).
+    """
+    with _live_lock:
+        return dict(_live)
+
 
 class CResource:
     """Base of the objects that own a C object: ``close()`` frees it (idempotently),
-    and a ``with`` block or garbage collection calls ``close()``."""
+    and a ``with`` block or garbage collection calls ``close()``.
+
+    A subclass calls ``self._track()`` once its C object exists and
+    ``self._untrack()`` when it frees it, which keeps :func:`live_handles` right
+    (both are idempotent).
+    """
+
+    _tracked = False
+
+    def _track(self) -> None:
+        with _live_lock:
+            if not self._tracked:
+                name = type(self).__name__
+                _live[name] = _live.get(name, 0) + 1
+                self._tracked = True
+
+    def _untrack(self) -> None:
+        with _live_lock:
+            if self._tracked:
+                name = type(self).__name__
+                _live[name] = _live.get(name, 0) - 1
+                self._tracked = False
 
     def close(self) -> None:  # pragma: no cover - every subclass defines it
         raise NotImplementedError

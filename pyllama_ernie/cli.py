@@ -57,11 +57,11 @@ def _check_files(args: argparse.Namespace) -> None:
     """Fail fast on a missing or broken model or projector file, before the slow load."""
     from .model import check_gguf_file
 
-    check_gguf_file(args.model)
+    check_gguf_file(args.model, role="model")
     if args.mmproj:
         if not os.path.exists(os.path.expanduser(args.mmproj)):
             raise FileNotFoundError(f"no such projector file (--mmproj): {args.mmproj}")
-        check_gguf_file(args.mmproj)
+        check_gguf_file(args.mmproj, role="mmproj")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

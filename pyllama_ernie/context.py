@@ -4,9 +4,15 @@ A Context evaluates token sequences and generates from them. It remembers which
 tokens sit in its KV cache, so a call whose prompt starts with the previous
 call's tokens evaluates only the new part.
 
-Thread policy: a Context serialises its calls with a lock, so two threads may
-share one (they take turns). Using a Context again from the thread that holds an
+Thread policy: a Context serialises its calls, so two threads may share one
+(they take turns). Using a Context again from the thread that holds an
 unfinished stream raises BusyError instead of corrupting the stream.
+
+Lifetime policy: :meth:`Context.close` may be called from any thread at any
+time. It cancels the running call, waits until that call is out of llama.cpp
+(within one token or graph node), and only then frees the C context; a stream
+paused at a ``yield`` is not waited for. The interrupted call ends cleanly (see
+:meth:`Context.close`), and every later call raises ClosedError.
 """
 
 from __future__ import annotations
@@ -182,16 +188,18 @@ class Embeddings:
         return f"<Embeddings n={self.n} width={self.data.shape[1]} next_pos={self.next_pos}>"
 
 
-class _Sampler:
+class _Sampler(_lib.CResource):
     """Owns one llama.cpp sampler chain."""
 
     def __init__(self, params: SamplingParams, n_vocab: int, banned: Sequence[int] = ()) -> None:
+        self._ptr = None
         cp = lib.llama_sampler_chain_default_params()
         cp.no_perf = True
         chain = lib.llama_sampler_chain_init(cp)
         if chain == ffi.NULL:
             errors.raise_error(ContextError, "llama_sampler_chain_init")
         self._ptr = chain
+        self._track()
         add = lambda s: lib.llama_sampler_chain_add(chain, s)  # noqa: E731 - the chain owns each stage
         if banned:
             biases = ffi.new("llama_logit_bias[]", [(t, float("-inf")) for t in banned])
@@ -221,13 +229,15 @@ class _Sampler:
         if self._ptr is not None:
             lib.llama_sampler_free(self._ptr)
             self._ptr = None
+            self._untrack()
 
 
 class Context(_lib.CResource):
     """One llama.cpp inference context over a :class:`~pyllama_ernie.Model`.
 
     Usually created for you by :class:`Model`; create more with
-    :meth:`Model.context` to run several conversations at once.
+    :meth:`Model.context` to run several conversations at once (one context
+    per thread runs them in parallel; threads sharing one take turns).
     """
 
     def __init__(
@@ -245,8 +255,17 @@ class Context(_lib.CResource):
     ) -> None:
         self._ptr = None
         self._batch = None
+        self._child = False  # counted in model._n_children (the model outlives its contexts)
+        # call state, guarded by _cond: the thread holding the context (a call or an
+        # open stream), whether that call is running (False while a stream is
+        # paused at a yield) and whether close() has begun
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: Optional[int] = None
+        self._running = False
+        self._closing = False
+        self._abort = ffi.new("int *", 0)
         self.model = model
-        model_ptr = model._handle()
+        model._handle()
         if n_ctx < 0 or n_batch <= 0:
             raise ValueError("n_ctx must be >= 0 (0 = the model's training context) and n_batch > 0")
         if kv_cache_type not in _KV_TYPES:
@@ -266,7 +285,6 @@ class Context(_lib.CResource):
         )
         p.type_k = p.type_v = _KV_TYPES[kv_cache_type]
         p.no_perf = False
-        self._abort = ffi.new("int *", 0)
         p.abort_callback = abort_flag_callback
         p.abort_callback_data = self._abort
         self._observer = None
@@ -275,39 +293,83 @@ class Context(_lib.CResource):
             self._observer = _lib.NodeObserver(observe_nodes)
             p.cb_eval = lib._pyllama_ernie_eval
             p.cb_eval_user_data = self._observer.handle
-        errors.clear_log_line()
-        ptr = lib.llama_init_from_model(model_ptr, p)
-        if ptr == ffi.NULL:
-            errors.raise_error(ContextError, "llama_init_from_model")
-        self._ptr = ptr
-        self.n_ctx = int(lib.llama_n_ctx(ptr))
-        self.n_batch = int(lib.llama_n_batch(ptr))
-        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
-        b = self._batch
-        for i in range(self.n_batch):
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-        self._mem = lib.llama_get_memory(ptr)
-        self._n_vocab = model.n_vocab
         # what the KV cache holds: one key per position (token id, or (chunk key, row)),
         # and the rope position that follows each
         self._keys: List[Any] = []
         self._next: List[int] = []
         self._ebatch = None
-        self._lock = threading.Lock()
-        self._owner: Optional[int] = None
-        model._register(self)
+        # the model frees its llama_model only once every context made from it is freed
+        with model._life_lock:
+            if model._closing:
+                raise ClosedError("the model is closed")
+            model_ptr = model._handle()
+            model._n_children += 1
+            self._child = True
+        try:
+            errors.clear_log_line()
+            ptr = lib.llama_init_from_model(model_ptr, p)
+            if ptr == ffi.NULL:
+                errors.raise_error(ContextError, "llama_init_from_model")
+            self._ptr = ptr
+            self._track()
+            self.n_ctx = int(lib.llama_n_ctx(ptr))
+            self.n_batch = int(lib.llama_n_batch(ptr))
+            self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+            b = self._batch
+            for i in range(self.n_batch):
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+            self._mem = lib.llama_get_memory(ptr)
+            self._n_vocab = model.n_vocab
+            with model._life_lock:
+                if model._closing:  # Model.close() ran meanwhile and could not see this context
+                    raise ClosedError("the model is closed")
+                model._register(self)
+        except BaseException:
+            self.close()
+            raise
 
     # --- lifetime -------------------------------------------------------
 
     def close(self) -> None:
-        """Free the llama.cpp context. Safe to call twice."""
-        if self._batch is not None:
-            lib.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ptr is not None:
-            lib.llama_free(self._ptr)
-            self._ptr = None
+        """Free the llama.cpp context. Safe to call twice, and from any thread.
+
+        From another thread while a call runs: the call is cancelled (as by
+        :meth:`cancel`), ``close()`` waits until it is out of llama.cpp (within
+        one token or graph node) and then frees the context. The interrupted
+        call ends cleanly: a generation finishes with ``finish_reason ==
+        "cancelled"`` and the text so far; a prompt being evaluated (or
+        :meth:`logits`) raises :class:`ClosedError`.
+
+        A stream paused at a ``yield`` (in any thread, including this one) is
+        not waited for: the context is freed at once, and the stream's next
+        step finishes it (``"cancelled"``) without touching llama.cpp. Closing
+        from inside a running call of this context (a callback of it) raises
+        :class:`BusyError`. After close, every call raises :class:`ClosedError`.
+        """
+        cond = self._cond
+        with cond:
+            if self._ptr is not None or self._batch is not None:
+                if self._running and self._owner == threading.get_ident():
+                    raise BusyError("close() was called from inside a running call of this context")
+                self._closing = True
+                self._abort[0] = 1
+                while self._running:
+                    cond.wait()
+            self._closing = True
+            if self._batch is not None:
+                lib.llama_batch_free(self._batch)
+                self._batch = None
+            if self._ptr is not None:
+                lib.llama_free(self._ptr)
+                self._ptr = None
+                self._untrack()
+            self._ebatch = None
+            self._keys, self._next = [], []
+            release, self._child = self._child, False
+            cond.notify_all()
+        if release:
+            self.model._release_child()
 
     @property
     def closed(self) -> bool:
@@ -327,22 +389,42 @@ class Context(_lib.CResource):
         def __enter__(self) -> None:
             ctx = self.ctx
             me = threading.get_ident()
-            if ctx._owner == me:
-                raise BusyError("this context is busy with an unfinished call in this thread "
-                                "(finish or close the open stream first)")
-            ctx._lock.acquire()
-            ctx._owner = me
-            if ctx._ptr is None:
-                ctx._owner = None
-                ctx._lock.release()
-                raise ClosedError("the context is closed")
+            with ctx._cond:
+                if ctx._owner == me:
+                    raise BusyError("this context is busy with an unfinished call in this thread "
+                                    "(finish or close the open stream first)")
+                while ctx._owner is not None and not ctx._closing:
+                    ctx._cond.wait()
+                if ctx._closing or ctx._ptr is None:
+                    raise ClosedError("the context is closed")
+                ctx._owner = me
+                ctx._running = True
+                ctx._abort[0] = 0
 
         def __exit__(self, *exc: Any) -> None:
-            self.ctx._owner = None
-            self.ctx._lock.release()
+            ctx = self.ctx
+            with ctx._cond:
+                ctx._owner = None
+                ctx._running = False
+                ctx._cond.notify_all()
 
     def _using(self) -> "_Using":
+        """Hold the context for one call (a stream holds it until it finishes)."""
         return Context._Using(self)
+
+    def _pause(self) -> None:
+        """The holding call stops touching llama.cpp (a stream about to yield, or done with C)."""
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+
+    def _resume(self) -> bool:
+        """The holding call goes on; False if close() began meanwhile (then it must not touch C)."""
+        with self._cond:
+            if self._closing:
+                return False
+            self._running = True
+            return True
 
     # --- cancellation ----------------------------------------------------
 
@@ -450,6 +532,8 @@ class Context(_lib.CResource):
         # Failed or aborted batches may leave part of themselves in the cache;
         # start from a clean one rather than guess which part.
         self._clear()
+        if self._closing or self.model._closing:  # Model.close() cancels every context before closing each
+            raise ClosedError("the context was closed during the call", llama_log="")
         if rc == 2 or self._abort[0]:
             self._abort[0] = 0
             raise DecodeError("decoding was cancelled", code=rc)
@@ -467,6 +551,9 @@ class Context(_lib.CResource):
                     raise ValueError(f"embeddings have width {part.data.shape[1]}, the model needs {n_embd}")
                 units.extend((part, j) for j in range(part.n))
             else:
+                if not 0 <= part < self._n_vocab:
+                    raise errors.TokenizeError(
+                        f"token id {part} is outside the vocabulary (0..{self._n_vocab - 1})", llama_log="")
                 units.append(part)
         return units
 
@@ -512,7 +599,6 @@ class Context(_lib.CResource):
             if len(units) > self.n_ctx:
                 raise PromptTooLongError(f"{len(units)} positions do not fit in a context of {self.n_ctx}")
             self._clear()
-            self._abort[0] = 0
             chunks: List[np.ndarray] = []
             self._decode(units, 0, chunks)
             return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
@@ -542,7 +628,6 @@ class Context(_lib.CResource):
             units = self._units(tokens)
             t0 = time.perf_counter()
             n_cached = self._prepare(units)
-            self._abort[0] = 0
             self._decode(units, n_cached)
             t1 = time.perf_counter()
             prompt_ms = (t1 - t0) * 1e3
@@ -598,16 +683,21 @@ class Context(_lib.CResource):
                             cut = _find_stop(held, stop)
                             if cut is not None:
                                 idx, stop_hit = cut
-                                if idx:
-                                    text_parts.append(held[:idx])
-                                    yield held[:idx]
-                                held = ""
+                                held, emit = "", held[:idx]
                                 finish = "stop"
+                                if emit:
+                                    text_parts.append(emit)
+                                    self._pause()
+                                    yield emit
                                 break
                         if len(held) > hold:
                             emit, held = held[: len(held) - hold], held[len(held) - hold:]
                             text_parts.append(emit)
+                            self._pause()
                             yield emit
+                            if not self._resume():  # closed while paused: the C context is gone
+                                finish = "cancelled"
+                                break
                     # feed the token back
                     b.token[0] = tok
                     b.pos[0] = pos
@@ -624,6 +714,8 @@ class Context(_lib.CResource):
                     pos += 1
                     keys.append(tok)
                     nexts.append(pos)
+                # no more llama.cpp calls on this context: close() need not wait for the rest
+                self._pause()
                 if stop_hit is None:
                     held += decoder.decode(b"", final=True)
                     if held:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-import struct
 import threading
 import weakref
 from collections import OrderedDict
@@ -22,7 +21,6 @@ from .context import Completion, Context, Embeddings, SamplingParams, default_th
 from .errors import (
     ClosedError,
     ImageError,
-    InvalidModelFileError,
     ModelLoadError,
     TokenizeError,
 )
@@ -34,32 +32,19 @@ __all__ = ["Model", "Prompt"]
 Prompt = Union[str, Sequence[Union[int, Embeddings]]]
 PathLike = Union[str, "os.PathLike[str]"]
 
-_GGUF_MAGIC = b"GGUF"
 
+def check_gguf_file(path: PathLike, role: Optional[str] = None) -> Path:
+    """Refuse, with a clear error, a file llama.cpp cannot load (or would abort on); return its path.
 
-def check_gguf_file(path: PathLike) -> Path:
-    """Refuse, with a clear error, what is obviously not a GGUF file llama.cpp can read."""
-    p = Path(os.fspath(path)).expanduser()
-    if not p.exists():
-        raise FileNotFoundError(f"no such model file: {p}")
-    if not p.is_file():
-        raise InvalidModelFileError(f"{p} is not a file", llama_log="")
-    try:
-        with open(p, "rb") as f:
-            head = f.read(24)
-    except OSError as e:
-        raise ModelLoadError(f"cannot read {p}: {e}", llama_log="") from e
-    if len(head) < 24 or head[:4] != _GGUF_MAGIC:
-        raise InvalidModelFileError(f"{p} is not a GGUF file (bad magic or too short)", llama_log="")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise InvalidModelFileError(f"{p}: unsupported GGUF version {version}", llama_log="")
-    size = p.stat().st_size
-    # every tensor info and key/value pair takes at least a few bytes: a count
-    # larger than the file is a damaged header
-    if n_tensors > size // 8 or n_kv > size // 8:
-        raise InvalidModelFileError(f"{p}: damaged GGUF header ({n_tensors} tensors, {n_kv} keys)", llama_log="")
-    return p
+    ``role``: ``"model"`` (an ERNIE 4.5 language model), ``"mmproj"`` (an ERNIE 4.5 VL
+    vision projector) or None (either: a ``clip`` file is checked as an mmproj, anything
+    else as a model). Only the header and metadata are read (see :mod:`.gguf_check`).
+    Raises FileNotFoundError, :class:`InvalidModelFileError` (damaged, wrong kind, a
+    directory) or :class:`ModelLoadError` (unreadable).
+    """
+    from .gguf_check import validate_gguf
+
+    return validate_gguf(path, role=role or "auto").path
 
 
 class Model(_lib.CResource):
@@ -102,6 +87,13 @@ class Model(_lib.CResource):
         mmproj_path: Optional[PathLike] = None,
     ) -> None:
         self._ptr = None
+        # lifetime bookkeeping (see close()): _n_children counts the contexts whose
+        # llama_context is not freed yet; the llama_model is freed after the last one
+        self._life_lock = threading.RLock()
+        self._close_lock = threading.RLock()
+        self._closing = False  # close() began: no new contexts
+        self._free_ok = False  # close() closed the projector (it reads the model's vocabulary)
+        self._n_children = 0
         #: the vision projector (None without ``mmproj_path``)
         self.projector: Optional[Projector] = None
         self._media_cache: "OrderedDict[bytes, Features]" = OrderedDict()
@@ -110,7 +102,7 @@ class Model(_lib.CResource):
         self._default_ctx: Optional[Context] = None
         self._eog: Optional[List[int]] = None
         self._embd_tensor: Any = None
-        self.path = check_gguf_file(model_path)
+        self.path = check_gguf_file(model_path, role="model")
         self.seed = seed
         _lib.ensure_init()
 
@@ -131,6 +123,7 @@ class Model(_lib.CResource):
                     raise ModelLoadError(f"loading {self.path} was cancelled by the progress callback", llama_log="")
             errors.raise_error(ModelLoadError, f"loading {self.path}")
         self._ptr = ptr
+        self._track()
         self._vocab = lib.llama_model_get_vocab(ptr)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self.n_embd = int(lib.llama_model_n_embd(ptr))
@@ -161,18 +154,55 @@ class Model(_lib.CResource):
         self._contexts.add(ctx)
 
     def close(self) -> None:
-        """Free the model and every context made from it. Safe to call twice."""
-        for ctx in list(self._contexts):
-            ctx.close()
-        self._default_ctx = None
-        self._embd_tensor = None
-        if self.projector is not None:
-            self.projector.close()
-            self.projector = None
-        if self._ptr is not None:
-            lib.llama_model_free(self._ptr)
-            self._ptr = None
-            self._vocab = None
+        """Free the model and every context made from it. Safe to call twice, and from any thread.
+
+        Contexts still generating in other threads are cancelled and waited for
+        (within one token), as :meth:`Context.close` describes: their
+        generations end with ``finish_reason == "cancelled"``, a prompt being
+        evaluated raises :class:`ClosedError`. An image being encoded finishes
+        first. New calls and new contexts raise :class:`ClosedError` at once.
+        """
+        with self._close_lock:
+            with self._life_lock:
+                self._closing = True
+                contexts = list(self._contexts)
+            if self._default_ctx is not None and self._default_ctx not in contexts:
+                contexts.append(self._default_ctx)
+            for ctx in contexts:  # stop them all first, then wait for each
+                ctx.cancel()
+            busy: BaseException | None = None
+            for ctx in contexts:
+                try:
+                    ctx.close()
+                except errors.BusyError as e:  # closed from inside one of its own calls
+                    busy = busy or e
+            # the closed default context and projector stay: a thread racing this close
+            # (past its closed checks) gets ClosedError from them
+            self._embd_tensor = None
+            try:
+                if self.projector is not None:
+                    self.projector.close()
+            finally:
+                self._free_ok = True
+                self._free_if_unused()
+            if busy is not None:
+                raise busy
+
+    def _release_child(self) -> None:
+        """A context of this model freed its llama_context."""
+        with self._life_lock:
+            self._n_children -= 1
+        self._free_if_unused()
+
+    def _free_if_unused(self) -> None:
+        # A context still alive here was invisible to close(): the garbage collector
+        # clears weak references before finalizers run. It frees the model when it goes.
+        with self._life_lock:
+            if self._free_ok and self._n_children == 0 and self._ptr is not None:
+                lib.llama_model_free(self._ptr)
+                self._ptr = None
+                self._vocab = None
+                self._untrack()
 
     @property
     def closed(self) -> bool:
@@ -186,7 +216,9 @@ class Model(_lib.CResource):
         """A new, independent context (its own KV cache) over this model.
 
         Takes the same context arguments as :class:`Model` (n_ctx, n_batch, ...).
-        Close it when done, or let the model close it.
+        Close it when done, or let the model close it. Threads that each use
+        their own context run in parallel; :meth:`generate` and friends use the
+        default context :attr:`ctx`, which concurrent threads take in turns.
         """
         self._handle()
         args = dict(self._ctx_args)
@@ -571,7 +603,9 @@ class Model(_lib.CResource):
         a prompt being evaluated stops with a :class:`DecodeError`. The model
         stays usable.
         """
-        for ctx in list(self._contexts):
+        with self._life_lock:
+            contexts = list(self._contexts)
+        for ctx in contexts:
             ctx.cancel()
 
     # --- chat -----------------------------------------------------------

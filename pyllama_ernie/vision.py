@@ -51,30 +51,10 @@ class ProjectorInfo:
 
 
 def read_projector_info(path: Path) -> ProjectorInfo:
-    """Read and check the keys of an ERNIE-4.5-VL mmproj file."""
-    import gguf
+    """Check an ERNIE-4.5-VL mmproj file (see :mod:`.gguf_check`) and read its input sizes."""
+    from .gguf_check import validate_gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:
-        raise InvalidModelFileError(f"{path} is not a readable GGUF file: {e}", llama_log="") from e
-
-    def value(key: str) -> Any:
-        field = reader.get_field(key)
-        if field is None:
-            return None
-        return field.contents()
-
-    arch = value("general.architecture")
-    if arch != "clip":
-        raise InvalidModelFileError(
-            f"{path} is not an mmproj (projector) file: its architecture is {arch!r}, not 'clip'"
-            " (was the language model given as mmproj_path?)", llama_log="")
-    ptype = value("clip.projector_type") or value("clip.vision.projector_type")
-    if ptype != "ernie4_5vl":
-        raise InvalidModelFileError(
-            f"{path} has projector type {ptype!r}; this package runs ERNIE-4.5-VL projectors ('ernie4_5vl')",
-            llama_log="")
+    summary = validate_gguf(path, role="mmproj")
     keys = {
         "patch_size": "clip.vision.patch_size",
         "merge_size": "clip.vision.spatial_merge_size",
@@ -84,13 +64,12 @@ def read_projector_info(path: Path) -> ProjectorInfo:
     }
     got: Dict[str, int] = {}
     for name, key in keys.items():
-        v = value(key)
-        if not isinstance(v, int) or v <= 0:
+        v = summary.get(key)
+        if not isinstance(v, int) or v <= 0:  # validate_gguf refuses these already
             raise InvalidModelFileError(f"{path}: missing or invalid {key} ({v!r})", llama_log="")
         got[name] = v
-    if got["min_pixels"] > got["max_pixels"]:
-        raise InvalidModelFileError(f"{path}: image_min_pixels exceeds image_max_pixels", llama_log="")
-    return ProjectorInfo(projector_type=ptype, **got)
+    ptype = summary.get("clip.projector_type") or summary.get("clip.vision.projector_type")
+    return ProjectorInfo(projector_type=str(ptype), **got)
 
 
 @dataclass(frozen=True)
@@ -117,7 +96,11 @@ class Projector(_lib.CResource):
 
         self._ptr = None
         self._lock = threading.Lock()
-        self.path = check_gguf_file(path)
+        self.path = check_gguf_file(path, role="mmproj")
+        if getattr(model, "n_pos_per_embd", 4) != 4:
+            raise InvalidModelFileError(
+                f"{model.path.name} is not an ERNIE-4.5-VL language model (no 3-D positions): "
+                f"it cannot take the images of {self.path.name}", llama_log="")
         self.info = read_projector_info(self.path)
         if self.info.projection_dim != model.n_embd:
             raise InvalidModelFileError(
@@ -139,14 +122,17 @@ class Projector(_lib.CResource):
         if ptr == ffi.NULL:
             errors.raise_error(ModelLoadError, f"loading the projector {self.path}")
         self._ptr = ptr
+        self._track()
         self.n_embd = int(model.n_embd)
 
     def close(self) -> None:
         """Free the projector. Safe to call twice."""
         if self._ptr is not None:
             with self._lock:
-                lib.mtmd_free(self._ptr)
-                self._ptr = None
+                if self._ptr is not None:  # another thread may have closed it meanwhile
+                    lib.mtmd_free(self._ptr)
+                    self._ptr = None
+                    self._untrack()
 
     @property
     def closed(self) -> bool:
