@@ -50,11 +50,18 @@ class ContextError(ErnieError):
     """A llama.cpp context could not be created or used."""
 
 
-class ClosedError(ContextError, ValueError):
+class _NotFromLlama:
+    """Mixin: the error is the package's own, so it carries no llama.cpp log line by default."""
+
+    def __init__(self, message: str, *, llama_log: Optional[str] = "", **kw: object) -> None:
+        super().__init__(message, llama_log=llama_log, **kw)  # type: ignore[call-arg]
+
+
+class ClosedError(_NotFromLlama, ContextError, ValueError):
     """The object was closed; its C resources are gone."""
 
 
-class BusyError(ContextError):
+class BusyError(_NotFromLlama, ContextError):
     """The context is in use by an unfinished call (e.g. an open stream) in this thread."""
 
 
@@ -66,7 +73,7 @@ class DecodeError(ErnieError):
         self.code = code
 
 
-class PromptTooLongError(DecodeError, ValueError):
+class PromptTooLongError(_NotFromLlama, DecodeError, ValueError):
     """The input does not fit in the context window."""
 
 

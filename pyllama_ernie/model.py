@@ -576,10 +576,10 @@ class Model(_lib.CResource):
              videos: Optional[Sequence[Any]] = None, cancel: Optional[threading.Event] = None,
              add_special: bool = True) -> Iterator[Union[str, Completion]]:
         params = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
-        tokens, n_encoded = self._prompt(prompt, images, videos, add_special=add_special)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        tokens, n_encoded = self._prompt(prompt, images, videos, add_special=add_special)
         ctx = self.ctx
         if sum(len(t) if isinstance(t, Embeddings) else 1 for t in tokens) > ctx.n_ctx:
             raise errors.PromptTooLongError(
