@@ -24,7 +24,7 @@ import pytest
 pytest.importorskip("pyllama_ernie._lib", reason="pyllama_ernie is not built (pip install .)")
 
 import pyllama_ernie
-from pyllama_ernie.convert.synthetic import write_tiny_mmproj
+from pyllama_ernie.convert.synthetic import VL_CHAT_TEMPLATE, write_tiny_mmproj
 
 #: the folder holding the package (the in-place build), used as cwd and on PYTHONPATH
 ROOT = Path(pyllama_ernie.__file__).resolve().parent.parent
@@ -33,27 +33,8 @@ SUBCOMMANDS = ("run", "chat", "convert", "quantize", "info", "selfcheck", "syste
 needs_chat = pytest.mark.skipif(not hasattr(pyllama_ernie.Model, "create_chat_completion"),
                                 reason="Model.create_chat_completion is not there yet")
 
-# An ERNIE-4.5-VL-like template: image parts become <|IMAGE_START|>...<|IMAGE_END|> runs, and
-# enable_thinking leaves the answer inside <think> (the synthetic GGUFs' template is text-only).
-VL_TEMPLATE = (
-    "{%- set image_count = namespace(value=0) -%}"
-    "{{- '<|begin_of_sentence|>' -}}"
-    "{%- for message in messages -%}"
-    "{%- if message.role == 'system' -%}{{- message.content + '\\n' -}}"
-    "{%- elif message.role == 'user' -%}{{- 'User: ' -}}"
-    "{%- if message.content is string -%}{{- message.content -}}"
-    "{%- else -%}{%- for part in message.content -%}"
-    "{%- if part.type == 'text' -%}{{- part.text -}}"
-    "{%- elif part.type in ['image', 'image_url'] -%}"
-    "{%- set image_count.value = image_count.value + 1 -%}"
-    "{{- 'Picture ' ~ image_count.value ~ ':<|IMAGE_START|><|image@placeholder|><|IMAGE_END|>' -}}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}{{- '\\n' -}}"
-    "{%- elif message.role == 'assistant' -%}{{- 'Assistant: ' ~ message.content ~ '<|end_of_sentence|>' -}}"
-    "{%- endif -%}{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'Assistant: ' -}}"
-    "{%- if enable_thinking is defined and enable_thinking -%}{{- '<think>\\n' -}}"
-    "{%- else -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}{%- endif -%}"
-)
+# the synthetic GGUFs' template is text-only: an ERNIE-4.5-VL-structured one for image chats
+VL_TEMPLATE = VL_CHAT_TEMPLATE
 
 
 def _env() -> dict[str, str]:

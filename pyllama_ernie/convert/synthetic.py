@@ -39,7 +39,47 @@ from .errors import ConversionError
 from .hfconfig import VisionConfig, parse_config
 from .tokenizer import TokenType, Vocab
 
-__all__ = ["ARCHS", "CHAT_TEMPLATE", "tiny_config", "tiny_vocab", "write_tiny_gguf", "write_tiny_mmproj"]
+__all__ = ["VL_CHAT_TEMPLATE", "ARCHS", "CHAT_TEMPLATE", "tiny_config", "tiny_vocab", "write_tiny_gguf", "write_tiny_mmproj"]
+
+#: A chat template with the structure of ERNIE-4.5-VL's: system text, "User: " turns with
+#: "Picture N:" image runs (the template's own placeholder between <|IMAGE_START|> and <|IMAGE_END|>),
+#: "Assistant: " turns closed by <|end_of_sentence|>, and a <think> prefill when enable_thinking is
+#: true. For tests and examples: the synthetic and test checkpoints carry a text-only template.
+VL_CHAT_TEMPLATE = """
+{%- set image_count = namespace(value=0) -%}
+{%- set video_count = namespace(value=0) -%}
+{{- bos_token -}}
+{%- for message in messages -%}
+  {%- if message.role == 'system' -%}
+    {{- message.content if message.content is string else message.content | map(attribute='text') | join('') -}}
+    {{- '\\n' -}}
+  {%- elif message.role == 'user' -%}
+    {{- 'User: ' -}}
+    {%- if message.content is string -%}{{- message.content -}}
+    {%- else -%}
+      {%- for part in message.content -%}
+        {%- if part.type == 'text' -%}{{- part.text -}}
+        {%- elif part.type in ['image', 'image_url'] -%}
+          {%- set image_count.value = image_count.value + 1 -%}
+          {{- 'Picture ' ~ image_count.value ~ ':<|IMAGE_START|><|image@placeholder|><|IMAGE_END|>' -}}
+        {%- elif part.type in ['video', 'video_url'] -%}
+          {%- set video_count.value = video_count.value + 1 -%}
+          {{- 'Video ' ~ video_count.value ~ ':<|VIDEO_START|><|video@placeholder|><|VIDEO_END|>' -}}
+        {%- endif -%}
+      {%- endfor -%}
+    {%- endif -%}
+    {{- '\\n' -}}
+  {%- elif message.role == 'assistant' -%}
+    {{- 'Assistant: ' ~ message.content ~ '<|end_of_sentence|>' -}}
+  {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+  {{- 'Assistant: ' -}}
+  {%- if enable_thinking is defined and enable_thinking -%}{{- '<think>\\n' -}}
+  {%- else -%}{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}
+{%- endif -%}
+"""
+
 
 ARCHS = ("ernie4_5", "ernie4_5-moe", "ernie4_5-vl-moe")
 
