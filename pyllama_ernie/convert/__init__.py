@@ -42,7 +42,7 @@ from .errors import ConversionError
 from .hfconfig import HFConfig, VisionConfig, load_config, load_vision_config
 from .safetensors_reader import Checkpoint
 from .tokenizer import Vocab, load_vocab
-from .writer import OUTTYPES, GGUFOutput, ProgressFn, TensorSpec
+from .writer import OUTTYPES, GGUFOutput, ProgressFn, TensorSpec, remove_partial
 
 __all__ = ["OUTTYPES", "ConversionError", "arch_module", "convert", "convert_checkpoint", "convert_mmproj",
            "default_mmproj_path", "write_gguf", "write_mmproj"]
@@ -243,7 +243,7 @@ def convert_checkpoint(
             assert mm_out is not None
             return model, plan.write(mm_out, progress)
         except BaseException:
-            _remove(model)  # all or nothing: no model without its mmproj
+            remove_partial(model)  # all or nothing: no model without its mmproj
             raise
 
 
@@ -280,11 +280,3 @@ def _same_path(a: Path, b: Path) -> bool:
     except OSError:
         return a == b
 
-
-def _remove(p: Path) -> None:
-    try:
-        p.unlink()
-    except FileNotFoundError:
-        pass
-    except OSError as e:  # pragma: no cover - nothing more to do
-        logger.warning("could not remove %s: %s", p, e)

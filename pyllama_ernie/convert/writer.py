@@ -133,10 +133,10 @@ class GGUFOutput:
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it a normal file's mode
             os.replace(tmp, out)
         except OSError as e:
-            _unlink(tmp)
+            remove_partial(tmp)
             raise ConversionError(_describe_os_error(e, out)) from e
         except BaseException:
-            _unlink(tmp)
+            remove_partial(tmp)
             raise
         return out
 
@@ -186,7 +186,8 @@ def _pad(fout, align: int) -> None:
         fout.write(b"\0" * n)
 
 
-def _unlink(p: Path) -> None:
+def remove_partial(p: Path) -> None:
+    """Delete a partly written (or no longer wanted) output file; never raises."""
     try:
         p.unlink()
     except FileNotFoundError:
