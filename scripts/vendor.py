@@ -13,6 +13,11 @@ Commands::
     python scripts/vendor.py export    # turn those commits back into patches/
     python scripts/vendor.py status    # what is in vendor/llama.cpp now
 
+    python scripts/vendor.py fill --dest DIR [--unpatched]
+                                       # the same tree (or upstream's, without
+                                       # patches/) in DIR, e.g. to build llama.cpp's
+                                       # own tools; status --dest DIR checks it
+
 Environment:
 
     PYLLAMA_ERNIE_LLAMA_SDIST   path of an already downloaded sdist (offline builds)
@@ -80,17 +85,17 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def wanted_stamp() -> dict:
+def wanted_stamp(patched: bool = True) -> dict:
     return {
         "base_commit": BASE_COMMIT,
         "sdist": SDIST_FILE,
         "sdist_sha256": SDIST_SHA256,
-        "patches": [{"name": n, "sha256": sha256_of(PATCHES / n)} for n in read_series()],
+        "patches": [{"name": n, "sha256": sha256_of(PATCHES / n)} for n in read_series()] if patched else [],
     }
 
 
-def current_stamp() -> dict | None:
-    path = VENDOR / STAMP
+def current_stamp(tree: Path | None = None) -> dict | None:
+    path = (tree or VENDOR) / STAMP
     if not path.exists():
         return None
     try:
@@ -131,7 +136,7 @@ def obtain_sdist() -> Path:
             f"{SDIST_NAME}=={SDIST_VERSION}", "-d", tmp,
         ]
         print(f"-- pyllama_ernie: downloading {SDIST_NAME}=={SDIST_VERSION} (llama.cpp sources)", flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         got = Path(tmp) / SDIST_FILE
         if proc.returncode != 0 or not got.is_file():
             raise VendorError(
@@ -199,7 +204,7 @@ def apply_patch(tree: Path, patch: Path) -> None:
         raise VendorError("applying patches/ needs git or patch on PATH; install one of them.")
     # GIT_DIR keeps git from treating an enclosing repository as the target.
     env = dict(os.environ, GIT_DIR=str(tree / ".git-none"))
-    proc = subprocess.run(cmd, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.run(cmd, check=False, cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if proc.returncode != 0:
         raise VendorError(
             f"patches/{patch.name} does not apply to llama.cpp {BASE_COMMIT[:9]}:\n{proc.stdout[-3000:]}\n"
@@ -207,44 +212,56 @@ def apply_patch(tree: Path, patch: Path) -> None:
         )
 
 
-def fill(force: bool = False) -> bool:
-    """Make ``vendor/llama.cpp`` the pinned tree with the current series applied.
+def tree_name(tree: Path) -> str:
+    return "vendor/llama.cpp" if tree == VENDOR else str(tree)
 
-    Returns True when the tree was (re)built, False when it was already current.
+
+def fill(force: bool = False, dest: Path | None = None, patched: bool = True) -> bool:
+    """Make ``vendor/llama.cpp`` (or ``dest``) the pinned tree with the current series applied.
+
+    ``patched=False`` leaves out patches/ (upstream's tree, to compare against);
+    the stamp in the tree records which. Returns True when the tree was
+    (re)built, False when it was already current.
     """
-    want = wanted_stamp()
-    have = current_stamp()
-    if VENDOR.exists() and not force:
-        if (VENDOR / ".git").exists():
-            print("-- pyllama_ernie: vendor/llama.cpp is a git checkout (edit mode); using it as it is.")
+    tree = Path(dest).resolve() if dest is not None else VENDOR
+    name = tree_name(tree)
+    want = wanted_stamp(patched)
+    have = current_stamp(tree)
+    if tree.is_dir() and have is None and tree != VENDOR and not any(tree.iterdir()):
+        tree.rmdir()  # an empty directory given as --dest
+    if tree.exists() and not force:
+        if (tree / ".git").exists():
+            print(f"-- pyllama_ernie: {name} is a git checkout (edit mode); using it as it is.")
             return False
         if have == want:
             return False
         if have is None:
             raise VendorError(
-                f"{VENDOR} exists but was not filled by scripts/vendor.py; remove it and build again."
+                f"{tree} exists but was not filled by scripts/vendor.py; remove it and build again."
             )
-        print("-- pyllama_ernie: patches changed; refilling vendor/llama.cpp", flush=True)
-    if VENDOR.exists():
-        if (VENDOR / ".git").exists() and not force:
-            raise VendorError("vendor/llama.cpp is in edit mode; run export, then fill --force.")
-        shutil.rmtree(VENDOR)
+        print(f"-- pyllama_ernie: patches changed; refilling {name}", flush=True)
+    if tree.exists():
+        if (tree / ".git").exists() and not force:
+            raise VendorError(f"{name} is in edit mode; run export, then fill --force.")
+        if tree != VENDOR and have is None:
+            raise VendorError(f"{tree} was not filled by scripts/vendor.py; not deleting it. Choose another --dest.")
+        shutil.rmtree(tree)
     sdist = obtain_sdist()
-    VENDOR.parent.mkdir(parents=True, exist_ok=True)
-    extract(sdist, VENDOR)
+    tree.parent.mkdir(parents=True, exist_ok=True)
+    extract(sdist, tree)
     try:
         for entry in want["patches"]:
-            apply_patch(VENDOR, PATCHES / entry["name"])
+            apply_patch(tree, PATCHES / entry["name"])
     except BaseException:
-        shutil.rmtree(VENDOR, ignore_errors=True)
+        shutil.rmtree(tree, ignore_errors=True)
         raise
-    (VENDOR / STAMP).write_text(json.dumps(want, indent=1) + "\n")
-    print(f"-- pyllama_ernie: vendor/llama.cpp = {BASE_MESSAGE} + {len(want['patches'])} patches", flush=True)
+    (tree / STAMP).write_text(json.dumps(want, indent=1) + "\n")
+    print(f"-- pyllama_ernie: {name} = {BASE_MESSAGE} + {len(want['patches'])} patches", flush=True)
     return True
 
 
 def git(*args: str, capture: bool = False) -> str:
-    proc = subprocess.run(["git", "-C", str(VENDOR), *args], text=True,
+    proc = subprocess.run(["git", "-C", str(VENDOR), *args], check=False, text=True,
                           stdout=subprocess.PIPE if capture else None)
     if proc.returncode != 0:
         raise VendorError(f"git {' '.join(args)} failed in {VENDOR}")
@@ -264,7 +281,7 @@ def edit() -> None:
     git(*ident, "commit", "-q", "-m", BASE_MESSAGE)
     git("tag", "base")
     for name in read_series():
-        proc = subprocess.run(["git", "-C", str(VENDOR), *ident, "am", "-q", "--keep-cr", str(PATCHES / name)])
+        proc = subprocess.run(["git", "-C", str(VENDOR), *ident, "am", "-q", "--keep-cr", str(PATCHES / name)], check=False)
         if proc.returncode != 0:
             raise VendorError(f"patches/{name} does not apply; resolve it in {VENDOR} (git am --continue).")
     print(f"vendor/llama.cpp is a git checkout: tag 'base' + {len(read_series())} commits.\n"
@@ -287,16 +304,20 @@ def export() -> None:
     print(f"wrote {len(names)} patches to patches/ and patches/series")
 
 
-def status() -> None:
-    have = current_stamp()
-    if not VENDOR.exists():
-        print("vendor/llama.cpp: missing (python scripts/vendor.py fill)")
-    elif (VENDOR / ".git").exists():
-        print("vendor/llama.cpp: edit mode (git checkout)")
-        print(git("log", "--oneline", "base..HEAD", capture=True), end="")
+def status(dest: Path | None = None, patched: bool = True) -> None:
+    tree = Path(dest).resolve() if dest is not None else VENDOR
+    name = tree_name(tree)
+    have = current_stamp(tree)
+    if not tree.exists():
+        how = "" if dest is None else f" --dest {dest}" + ("" if patched else " --unpatched")
+        print(f"{name}: missing (python scripts/vendor.py fill{how})")
+    elif (tree / ".git").exists():
+        print(f"{name}: edit mode (git checkout)")
+        if tree == VENDOR:
+            print(git("log", "--oneline", "base..HEAD", capture=True), end="")
     else:
-        state = "current" if have == wanted_stamp() else "stale (patches changed)"
-        print(f"vendor/llama.cpp: {state}; {BASE_MESSAGE}; patches: {[p['name'] for p in (have or {}).get('patches', [])]}")
+        state = "current" if have == wanted_stamp(patched) else "stale (patches changed)"
+        print(f"{name}: {state}; {BASE_MESSAGE}; patches: {[p['name'] for p in (have or {}).get('patches', [])]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,17 +327,23 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--force", action="store_true", help="refill even if the tree looks current")
     sub.add_parser("edit", help="make vendor/llama.cpp a git checkout with the series as commits")
     sub.add_parser("export", help="regenerate patches/ from the commits in vendor/llama.cpp")
-    sub.add_parser("status", help="say what vendor/llama.cpp holds")
+    s = sub.add_parser("status", help="say what vendor/llama.cpp holds")
+    for p in (f, s):
+        p.add_argument("--dest", type=Path, default=None,
+                       help="another directory instead of vendor/llama.cpp (e.g. to build llama.cpp's tools)")
+        p.add_argument("--unpatched", action="store_true", help="upstream's tree: apply none of patches/ (needs --dest)")
     args = ap.parse_args(argv)
+    if args.cmd in ("fill", "status") and args.unpatched and args.dest is None:
+        ap.error("--unpatched needs --dest: vendor/llama.cpp always holds the patched tree")
     try:
         if args.cmd == "fill":
-            fill(force=args.force)
+            fill(force=args.force, dest=args.dest, patched=not args.unpatched)
         elif args.cmd == "edit":
             edit()
         elif args.cmd == "export":
             export()
         else:
-            status()
+            status(dest=args.dest, patched=not args.unpatched)
     except VendorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,185 @@
+"""Build llama.cpp's own ``llama-bench`` and ``llama-completion``, patched and upstream, to compare against.
+
+    python benchmarks/build_tools.py [--work DIR] [--jobs 2] [--which patched,unpatched]
+
+For each tree, ``scripts/vendor.py`` fills ``DIR/src-<which>`` from the pinned
+sdist ("patched": with patches/series applied, the tree the package builds;
+"unpatched": upstream's) and skips the refill when its stamp is current. The
+tree is configured in ``DIR/build-<which>`` with the wheel's ggml options
+(Release, GGML_NATIVE=OFF, plus whatever the CMAKE_ARGS environment variable
+says, e.g. CMAKE_ARGS="-DGGML_NATIVE=ON" or "-DGGML_CUDA=ON"), static
+libraries, and only llama-common and the tools (no server, web UI, examples,
+tests, curl or OpenSSL); then only the two targets are built. The build
+directory is reused: after a refill (patches changed) only the files whose
+content changed are rebuilt; it starts afresh when the configure options change.
+Default DIR: build/bench-tools. Prints the binaries' paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORK = ROOT / "build" / "bench-tools"
+TREES = ("patched", "unpatched")
+TARGETS = ("llama-bench", "llama-completion")
+CONFIG_STAMP = ".pyllama_ernie_tools.json"
+
+
+def _load_vendor():
+    spec = importlib.util.spec_from_file_location("pyllama_ernie_vendor", ROOT / "scripts" / "vendor.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+vendor = _load_vendor()
+
+
+def _tool(name: str) -> str:
+    """``name`` from this interpreter's environment (the venv has cmake and ninja), else from PATH."""
+    here = Path(sys.executable).parent / name
+    if here.is_file():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise SystemExit(f"error: {name} not found; install it (pip install {name}).")
+    return found
+
+
+def cmake_args(which: str) -> list[str]:
+    """The configure options: the wheel's ggml settings, tools on, everything else off, then CMAKE_ARGS."""
+    commit = vendor.BASE_COMMIT[:7] + ("-patched" if which == "patched" else "")
+    args = [
+        "-G", "Ninja",
+        f"-DCMAKE_MAKE_PROGRAM={_tool('ninja')}",
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=OFF",  # static ggml/llama: the binaries need no library path
+        "-DGGML_NATIVE=OFF",  # as the wheel; CMAKE_ARGS="-DGGML_NATIVE=ON" overrides it
+        "-DLLAMA_BUILD_COMMON=ON",
+        "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF",  # also leaves out tools/ui, which the filled tree lacks
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_BUILD_APP=OFF",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_SUBPROCESS=OFF",
+        "-DLLAMA_BUILD_IS_DEV=OFF",
+        "-DLLAMA_BUILD_NUMBER=0",
+        # the tree is no git checkout; llama-bench reports this as build_commit
+        f"-DLLAMA_BUILD_COMMIT={commit}",
+    ]
+    return args + shlex.split(os.environ.get("CMAKE_ARGS", ""))
+
+
+def _run(cmd: list[str], env: dict | None = None) -> None:
+    print("+ " + shlex.join(cmd), flush=True)
+    proc = subprocess.run(cmd, check=False, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: {cmd[0]} failed with status {proc.returncode}")
+
+
+def source_hashes(tree: Path) -> dict[str, str]:
+    """sha256 of every file of a filled tree, by relative path."""
+    return {
+        path.relative_to(tree).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(tree.rglob("*"))
+        if path.is_file() and path.name != vendor.STAMP
+    }
+
+
+def touch_changed(tree: Path, old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """Give each file whose content changed since ``old`` the current time; returns their paths.
+
+    A refilled tree keeps the sdist's mtimes: a file a removed patch had
+    changed goes back to an mtime older than its object, and ninja would keep
+    the stale object. Touched, only what changed is rebuilt.
+    """
+    changed = [rel for rel, digest in new.items() if old.get(rel) != digest]
+    now = time.time()
+    for rel in changed:
+        os.utime(tree / rel, (now, now))
+    return changed
+
+
+def build_one(work: Path, which: str, jobs: int = 2) -> dict[str, Path]:
+    if which not in TREES:
+        raise ValueError(f"which must be one of {TREES}, not {which!r}")
+    src = work / f"src-{which}"
+    build = work / f"build-{which}"
+    try:
+        vendor.fill(dest=src, patched=which == "patched")
+    except vendor.VendorError as e:
+        raise SystemExit(f"error: {e}") from None
+    # The trees sit inside this repository: without a ceiling, upstream's
+    # `git describe` (configure, and ninja's re-runs of it) would report our
+    # commit as ggml's.
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(work))
+
+    args = cmake_args(which)
+    sources = source_hashes(src)
+    stamp = build / CONFIG_STAMP
+    try:
+        have = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        have = None
+    if not have or have.get("cmake_args") != args or "sources" not in have or not (build / "build.ninja").is_file():
+        # A dropped CMAKE_ARGS option would stay in CMake's cache: start afresh.
+        if build.exists():
+            print(f"-- {which}: configure options changed; configuring {build} afresh", flush=True)
+            shutil.rmtree(build)
+        _run([_tool("cmake"), "-S", str(src), "-B", str(build), *args], env=env)
+    else:
+        changed = touch_changed(src, have["sources"], sources)
+        if changed:
+            print(f"-- {which}: {len(changed)} source files changed since the last build", flush=True)
+    stamp.write_text(json.dumps({"cmake_args": args, "sources": sources}, indent=1) + "\n")
+    _run([_tool("cmake"), "--build", str(build), "--target", *TARGETS, "-j", str(jobs)], env=env)
+    bins = {t: build / "bin" / t for t in TARGETS}
+    missing = [str(p) for p in bins.values() if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: the build did not produce {', '.join(missing)}")
+    return bins
+
+
+def build_tools(work: Path | str = DEFAULT_WORK, which=TREES, jobs: int = 2) -> dict[str, dict[str, Path]]:
+    """Build the tools of each tree in ``which``; returns ``{tree: {target: binary path}}``."""
+    work = Path(work).resolve()
+    out = {}
+    for w in which:
+        t0 = time.perf_counter()
+        out[w] = build_one(work, w, jobs)
+        print(f"-- {w}: built in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where the trees and builds go (default: %(default)s)")
+    ap.add_argument("--jobs", "-j", type=int, default=2, help="parallel compile jobs (default: %(default)s)")
+    ap.add_argument("--which", default=",".join(TREES), help="comma-separated trees to build (default: %(default)s)")
+    args = ap.parse_args(argv)
+    which = [w.strip() for w in args.which.split(",") if w.strip()]
+    bad = [w for w in which if w not in TREES]
+    if bad or not which:
+        ap.error(f"--which takes {', '.join(TREES)}; got {args.which!r}")
+    for w, bins in build_tools(args.work, which, args.jobs).items():
+        for target, path in bins.items():
+            print(f"{w} {target}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
