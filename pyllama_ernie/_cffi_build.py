@@ -26,6 +26,7 @@ struct llama_sampler;
 typedef struct llama_memory_i * llama_memory_t;
 typedef struct ggml_backend_device * ggml_backend_dev_t;
 typedef struct ggml_backend_reg * ggml_backend_reg_t;
+typedef struct ggml_backend_buffer_type * ggml_backend_buffer_type_t;
 
 enum ggml_log_level {
     GGML_LOG_LEVEL_NONE, GGML_LOG_LEVEL_DEBUG, GGML_LOG_LEVEL_INFO,
@@ -68,7 +69,12 @@ typedef bool (*llama_progress_callback)(float progress, void * user_data);
 typedef bool (*ggml_abort_callback)(void * data);
 typedef void (*ggml_log_callback)(enum ggml_log_level level, const char * text, void * user_data);
 
+struct llama_model_tensor_buft_override {
+    const char * pattern;
+    ggml_backend_buffer_type_t buft;
+};
 struct llama_model_params {
+    const struct llama_model_tensor_buft_override * tensor_buft_overrides;
     int32_t n_gpu_layers;
     enum llama_split_mode split_mode;
     enum llama_load_mode load_mode;
@@ -156,6 +162,9 @@ const char * ggml_backend_dev_name(ggml_backend_dev_t device);
 const char * ggml_backend_dev_description(ggml_backend_dev_t device);
 enum ggml_backend_dev_type ggml_backend_dev_type(ggml_backend_dev_t device);
 void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total);
+ggml_backend_dev_t ggml_backend_dev_by_type(enum ggml_backend_dev_type type);
+ggml_backend_buffer_type_t ggml_backend_dev_buffer_type(ggml_backend_dev_t device);
+const char * ggml_backend_buft_name(ggml_backend_buffer_type_t buft);
 void ggml_backend_load_all(void);
 
 /* model */
@@ -313,6 +322,10 @@ void mtmd_helper_log_set(ggml_log_callback log_callback, void * user_data);
    for Python. data points at an int flag that Python sets to cancel. */
 bool pyllama_ernie_abort_flag(void * data);
 
+/* memory read bandwidth probe (pyllama_ernie.bench): sums n 64-bit words;
+   called from several Python threads at once (cffi releases the GIL) */
+uint64_t pyllama_ernie_read_sum(const uint64_t * p, size_t n);
+
 /* callbacks implemented in Python (pyllama_ernie/_lib.py) */
 extern "Python" void _pyllama_ernie_log(enum ggml_log_level, const char *, void *);
 extern "Python" bool _pyllama_ernie_progress(float, void *);
@@ -326,6 +339,21 @@ SOURCE = r"""
 
 static bool pyllama_ernie_abort_flag(void * data) {
     return data != NULL && __atomic_load_n((const int *) data, __ATOMIC_RELAXED) != 0;
+}
+
+static uint64_t pyllama_ernie_read_sum(const uint64_t * p, size_t n) {
+    /* eight independent sums: the loop is bound by memory, not by the adds */
+    uint64_t s[8] = {0};
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int k = 0; k < 8; k++) {
+            s[k] += p[i + k];
+        }
+    }
+    for (; i < n; i++) {
+        s[0] += p[i];
+    }
+    return s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
 }
 """
 

@@ -1,4 +1,4 @@
-"""``python -m pyllama_ernie``: run, chat, convert, quantize, info, selfcheck, system-info.
+"""``python -m pyllama_ernie``: run, chat, bench, convert, quantize, info, selfcheck, system-info.
 
 Exit codes: 0 success, 1 runtime error (one line on stderr), 2 usage error,
 130 interrupted (Ctrl-C).
@@ -74,8 +74,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise ValueError("--image and --video need --mmproj (the model's vision projector file)")
     _check_files(args)
     prompt = _media_prompt(prompt, len(images), len(videos))
-    with Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-               seed=args.seed, progress=_progress_bar("loading"), mmproj_path=args.mmproj) as model:
+    with Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads, seed=args.seed,
+               progress=_progress_bar("loading"), mmproj_path=args.mmproj, **_device_kwargs(args)) as model:
         for piece in model.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                   repeat_penalty=args.repeat_penalty, stop=args.stop or None,
@@ -339,8 +339,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             template = f.read()
     _check_files(args)
     _safe_output(sys.stdout)
-    with Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-               seed=args.seed, progress=_progress_bar("loading"), mmproj_path=args.mmproj) as model:
+    with Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads, seed=args.seed,
+               progress=_progress_bar("loading"), mmproj_path=args.mmproj, **_device_kwargs(args)) as model:
         if template is None and not model.chat_template:
             raise ValueError(f"this model has no chat template ({args.model}); "
                              "give one with --chat-template-file, or use 'run'")
@@ -389,6 +389,23 @@ def _cmd_selfcheck(args: argparse.Namespace) -> int:
     return 0 if run_selfcheck(verbose=args.verbose) else 1
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    if args.image and not args.mmproj:
+        raise ValueError("--image needs --mmproj (the model's vision projector file)")
+    _check_files(args)
+    log = (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True)) if not args.quiet else None
+    result = run_bench(args.model, mmproj_path=args.mmproj, images=args.image, n_threads=args.threads,
+                       repetitions=args.repetitions, n_prompt=args.n_prompt, n_gen=args.n_gen, log=log,
+                       **_device_kwargs(args))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1, default=str))
+    else:
+        print(result.format())
+    return 0
+
+
 def _cmd_system(args: argparse.Namespace) -> int:
     from .system import system_info
 
@@ -408,8 +425,42 @@ def _add_generation_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("-c", "--n-ctx", type=int, default=4096, help="context size in tokens (default 4096)")
     p.add_argument("-t", "--threads", type=int, default=None)
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     p.add_argument("--mmproj", default=None, help="the vision projector .gguf of an ERNIE-4.5-VL model")
+    _add_device_args(p)
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices (GPU builds)")
+    g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1 = all; default 0)")
+    g.add_argument("--main-gpu", type=int, default=0, help="the GPU index for the model (split mode none) or "
+                                                           "for intermediate results (default 0)")
+    g.add_argument("--tensor-split", type=_floats, default=None, metavar="P0,P1,...",
+                   help="proportions of the model per GPU, e.g. 3,1")
+    g.add_argument("--split-mode", choices=["none", "layer", "row"], default="layer",
+                   help="how to spread the model over several GPUs (default layer)")
+    g.add_argument("--cpu-moe", action="store_true", help="keep all MoE expert weights in CPU memory")
+    g.add_argument("--n-cpu-moe", type=int, default=None, metavar="N",
+                   help="keep the MoE expert weights of the first N layers in CPU memory")
+    g.add_argument("--flash-attn", action=argparse.BooleanOptionalAction, default=None,
+                   help="force flash attention on or off (default: llama.cpp decides)")
+    g.add_argument("--mmproj-offload", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the vision encoder on the GPU (default: when layers are offloaded)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace("/", ",").split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, not {text!r}") from None
+
+
+def _device_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The Model keyword arguments of the device options."""
+    if args.cpu_moe and args.n_cpu_moe is not None:
+        raise ValueError("--cpu-moe and --n-cpu-moe exclude each other")
+    return dict(n_gpu_layers=args.n_gpu_layers, main_gpu=args.main_gpu, tensor_split=args.tensor_split,
+                split_mode=args.split_mode, cpu_moe=True if args.cpu_moe else (args.n_cpu_moe or 0),
+                flash_attn=args.flash_attn, mmproj_gpu=args.mmproj_offload)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -440,6 +491,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a Jinja chat template to use instead of the model's")
     _add_generation_args(ch, max_tokens=512)
     ch.set_defaults(func=_cmd_chat)
+
+    b = sub.add_parser("bench", help="measure prompt processing, generation, image encoding, memory and bandwidth",
+                       description="Measure a model: prompt processing (tok/s), generation (tok/s), the host time "
+                                   "per token, image encoding and time to first token (with --mmproj), peak "
+                                   "memory, and the machine's read bandwidth in the same run. Figures are the "
+                                   "median (min..max) of the repetitions.")
+    b.add_argument("model", help="the model .gguf file")
+    b.add_argument("--mmproj", default=None, help="the vision projector .gguf (adds image encode and ttft)")
+    b.add_argument("--image", action="append", metavar="PATH",
+                   help="an image to encode (repeatable; default: synthetic 448x448 and 896x896)")
+    b.add_argument("-r", "--repetitions", type=int, default=5)
+    b.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (default 512)")
+    b.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (default 128)")
+    b.add_argument("-t", "--threads", type=int, default=None)
+    _add_device_args(b)
+    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=_cmd_bench)
 
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint to GGUF", add_help=False)
     c.add_argument("convert_args", nargs=argparse.REMAINDER)

@@ -18,6 +18,7 @@ import numpy as np
 from . import _lib, errors
 from ._lib import ffi, lib
 from .context import Completion, Context, Embeddings, SamplingParams, default_threads
+from .offload import OffloadPlan
 from .errors import (
     ClosedError,
     ImageError,
@@ -56,7 +57,9 @@ class Model(_lib.CResource):
         n_batch: tokens per ``llama_decode`` call while evaluating a prompt.
         n_ubatch: physical batch size (default: ``n_batch``).
         n_threads: CPU threads (default: the physical cores available).
-        n_gpu_layers: layers to offload to a GPU (-1 = all; needs a GPU build).
+        n_gpu_layers: layers to offload to a GPU (-1 = all; needs a GPU build, e.g.
+            ``CMAKE_ARGS="-DGGML_CUDA=on" pip install .``). Without a GPU the model
+            runs on the CPU and one warning is logged.
         seed: default seed for sampling (None = random each call).
         flash_attn: True/False to force, None to let llama.cpp decide.
         kv_cache_type: "f16" (default), "f32", "bf16" or "q8_0".
@@ -65,6 +68,14 @@ class Model(_lib.CResource):
             returning False cancels the load (ModelLoadError).
         mmproj_path: the vision projector (mmproj ``.gguf``) of an ERNIE-4.5-VL
             model; with it, prompts take images and videos (see ``IMAGE_MARKER``).
+        main_gpu: the GPU that holds the model with ``split_mode="none"``, and
+            the intermediate results otherwise.
+        tensor_split: how much of the model each GPU gets, e.g. ``[3, 1]``.
+        split_mode: ``"layer"`` (default: whole layers per GPU), ``"row"`` or ``"none"``.
+        cpu_moe: keep MoE expert weights in CPU memory while the rest of the model
+            runs on the GPU: True for every layer, an int N for the first N layers.
+            ERNIE-4.5-VL-28B-A3B at Q4_K_M then needs a few GB of GPU memory.
+        mmproj_gpu: run the vision encoder on the GPU (default: when layers are offloaded).
 
     The model is freed by :meth:`close`, by leaving a ``with`` block, or at
     garbage collection. Use after close raises :class:`ClosedError`.
@@ -85,6 +96,11 @@ class Model(_lib.CResource):
         use_mmap: bool = True,
         progress: Optional[Callable[[float], Optional[bool]]] = None,
         mmproj_path: Optional[PathLike] = None,
+        main_gpu: int = 0,
+        tensor_split: Optional[Sequence[float]] = None,
+        split_mode: str = "layer",
+        cpu_moe: Union[bool, int] = False,
+        mmproj_gpu: Optional[bool] = None,
     ) -> None:
         self._ptr = None
         # lifetime bookkeeping (see close()): _n_children counts the contexts whose
@@ -105,9 +121,12 @@ class Model(_lib.CResource):
         self.path = check_gguf_file(model_path, role="model")
         self.seed = seed
         _lib.ensure_init()
+        #: the checked offload settings (devices, layers, expert placement)
+        self.offload = OffloadPlan(n_gpu_layers=n_gpu_layers, main_gpu=main_gpu, tensor_split=tensor_split,
+                                   split_mode=split_mode, cpu_moe=cpu_moe)
 
         params = lib.llama_model_default_params()
-        params.n_gpu_layers = n_gpu_layers
+        self.offload.apply(params)
         params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
         ph = None
         if progress is not None:
@@ -137,8 +156,9 @@ class Model(_lib.CResource):
         try:
             self._default_ctx = Context(self, **self._ctx_args)
             if mmproj_path is not None:
+                use_gpu = self.offload.uses_gpu if mmproj_gpu is None else bool(mmproj_gpu and self.offload.gpus)
                 self.projector = Projector(mmproj_path, self, n_threads=n_threads or default_threads(),
-                                           use_gpu=n_gpu_layers != 0, flash_attn=flash_attn)
+                                           use_gpu=use_gpu, flash_attn=flash_attn)
         except BaseException:
             self.close()
             raise
