@@ -77,7 +77,7 @@ def llama_bench(binary: Path, model: Path, threads: int, reps: int) -> Dict[str,
     return res
 
 
-_EVAL = re.compile(r"^\S+:\s+eval time =\s*([\d.]+) ms /\s*(\d+) runs", re.M)
+_EVAL = re.compile(r"perf_print:\s+eval time =\s*([\d.]+) ms /\s*(\d+) runs")
 _COMPUTE = re.compile(r"(\w+) compute buffer size =\s*([\d.]+) MiB")
 
 
