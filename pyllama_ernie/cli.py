@@ -430,13 +430,15 @@ def _add_generation_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
+    from .offload import SPLIT_MODES
+
     g = p.add_argument_group("devices (GPU builds)")
     g.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers on the GPU (-1 = all; default 0)")
     g.add_argument("--main-gpu", type=int, default=0, help="the GPU index for the model (split mode none) or "
                                                            "for intermediate results (default 0)")
     g.add_argument("--tensor-split", type=_floats, default=None, metavar="P0,P1,...",
                    help="proportions of the model per GPU, e.g. 3,1")
-    g.add_argument("--split-mode", choices=["none", "layer", "row"], default="layer",
+    g.add_argument("--split-mode", choices=list(SPLIT_MODES), default="layer",
                    help="how to spread the model over several GPUs (default layer)")
     g.add_argument("--cpu-moe", action="store_true", help="keep all MoE expert weights in CPU memory")
     g.add_argument("--n-cpu-moe", type=int, default=None, metavar="N",
