@@ -27,8 +27,10 @@ through the converter's own tensor mapping and mmproj writer.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,10 @@ from .errors import ConversionError
 from .hfconfig import VisionConfig, parse_config
 from .tokenizer import TokenType, Vocab
 
-__all__ = ["VL_CHAT_TEMPLATE", "ARCHS", "CHAT_TEMPLATE", "tiny_config", "tiny_vocab", "write_tiny_gguf", "write_tiny_mmproj"]
+__all__ = [
+    "A3B_TEXT", "A3B_VISION", "ARCHS", "CHAT_TEMPLATE", "VL_CHAT_TEMPLATE", "a3b_config", "padded_vocab", "tiny_config",
+    "tiny_vocab", "write_random_gguf", "write_tiny_gguf", "write_tiny_mmproj",
+]
 
 #: A chat template with the structure of ERNIE-4.5-VL's: system text, "User: " turns with
 #: "Picture N:" image runs (the template's own placeholder between <|IMAGE_START|> and <|IMAGE_END|>),
@@ -208,11 +213,33 @@ def tiny_config(arch: str, vocab_size: int, token_ids: dict[str, int] | None = N
     raise ConversionError(f"no tiny model for architecture {arch!r}; choose one of {', '.join(ARCHS)}.")
 
 
-class _ArraySource:
-    """Named arrays in memory, readable like a Checkpoint."""
+@dataclass(frozen=True)
+class _PoolTensor:
+    """A tensor of ``shift + scale * N(0, 1)`` values read from a shared pool of draws, made on demand.
 
-    def __init__(self, arrays: dict[str, np.ndarray]):
+    Row ``r`` is the window of the pool starting at ``offset + r * _POOL_STEP`` (wrapped, so that the
+    window fits): drawing multi-GB models value by value would take minutes, windows take no time. The
+    values are normal draws but rows are shifted copies of each other, which is fine for speed and
+    memory benchmarks and wrong for anything statistical.
+    """
+
+    shape: tuple[int, ...]
+    scale: float
+    shift: float
+    offset: int
+
+
+_POOL_SIZE = 1 << 24
+_POOL_STEP = 7
+_BLOCK_VALUES = 1 << 22
+
+
+class _ArraySource:
+    """Named arrays in memory (or :class:`_PoolTensor` s over ``pool``), readable like a Checkpoint."""
+
+    def __init__(self, arrays: dict[str, np.ndarray | _PoolTensor], pool: np.ndarray | None = None):
         self.arrays = arrays
+        self.pool = pool
 
     def names(self) -> list[str]:
         return list(self.arrays)
@@ -222,22 +249,63 @@ class _ArraySource:
 
     def iter_rows(self, name: str, row_start: int = 0, row_stop: int | None = None) -> Iterator[np.ndarray]:
         a = self.arrays[name]
-        yield a if a.ndim <= 1 else a[row_start:row_stop]
+        if isinstance(a, _PoolTensor):
+            yield from self._pool_rows(a, row_start, row_stop)
+        else:
+            yield a if a.ndim <= 1 else a[row_start:row_stop]
+
+    def _pool_rows(self, t: _PoolTensor, row_start: int, row_stop: int | None) -> Iterator[np.ndarray]:
+        assert self.pool is not None
+        if len(t.shape) <= 1:
+            row_start, row_stop, row_shape = 0, 1, tuple(t.shape)
+        else:
+            row_stop = t.shape[0] if row_stop is None else row_stop
+            row_shape = tuple(t.shape[1:])
+        cols = math.prod(row_shape)
+        starts = _POOL_SIZE - cols + 1  # row r starts at (offset + r * step) % starts, whoever reads it
+        size = self.pool.itemsize
+        for r0 in range(row_start, row_stop, max(1, _BLOCK_VALUES // cols)):
+            r1 = min(row_stop, r0 + max(1, _BLOCK_VALUES // cols))
+            parts = []
+            r = r0
+            while r < r1:  # runs of rows whose starts do not wrap: strided windows of the pool
+                first = (t.offset + r * _POOL_STEP) % starts
+                n = min(r1 - r, (starts - 1 - first) // _POOL_STEP + 1)
+                parts.append(np.lib.stride_tricks.as_strided(
+                    self.pool[first:], shape=(n, cols), strides=(_POOL_STEP * size, size)))
+                r += n
+            block = (parts[0] if len(parts) == 1 else np.concatenate(parts)) * np.float32(t.scale) + np.float32(t.shift)
+            yield block.reshape(row_shape) if len(t.shape) <= 1 else block.reshape(r1 - r0, *row_shape)
 
 
-def _random_weights(cfg: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
+class _Draw:
+    """Makes the random tensors: independent draws, or (``pooled``) :class:`_PoolTensor` s."""
+
+    def __init__(self, seed: int, pooled: bool = False):
+        self.rng = np.random.default_rng(seed)
+        self.pool = self.rng.standard_normal(_POOL_SIZE, dtype=np.float32) if pooled else None
+
+    def __call__(self, shape: tuple[int, ...], scale: float, shift: float = 0.0) -> np.ndarray | _PoolTensor:
+        if self.pool is not None:
+            return _PoolTensor(tuple(shape), scale, shift, int(self.rng.integers(_POOL_SIZE)))
+        return (shift + scale * self.rng.standard_normal(shape)).astype(np.float32)
+
+    def source(self, arrays: dict[str, np.ndarray | _PoolTensor]) -> _ArraySource:
+        return _ArraySource(arrays, self.pool)
+
+
+def _random_weights(cfg: dict[str, Any], draw: _Draw) -> dict[str, np.ndarray | _PoolTensor]:
     hf = parse_config(cfg)
     t = hf.text
     H, V, hd = t.hidden_size, t.vocab_size, t.head_dim
 
-    def w(*shape: int, std: float = 0.15) -> np.ndarray:
-        return (rng.standard_normal(shape) * std).astype(np.float32)
+    def w(*shape: int, std: float = 0.15) -> np.ndarray | _PoolTensor:
+        return draw(shape, std)
 
-    def norm() -> np.ndarray:
-        return (1.0 + 0.1 * rng.standard_normal(H)).astype(np.float32)
+    def norm() -> np.ndarray | _PoolTensor:
+        return draw((H,), 0.1, 1.0)
 
-    a: dict[str, np.ndarray] = {"model.embed_tokens.weight": w(V, H, std=0.5)}
+    a: dict[str, np.ndarray | _PoolTensor] = {"model.embed_tokens.weight": w(V, H, std=0.5)}
     moe_layers = set(t.moe.moe_layers(t.n_layers)) if t.moe else set()
     for i in range(t.n_layers):
         p = f"model.layers.{i}."
@@ -295,30 +363,89 @@ def write_tiny_gguf(arch: str, path: str | os.PathLike[str], *, seed: int = 0, o
     cfg = tiny_config(arch, len(vocab.tokens), ids)
     hf = parse_config(cfg)
     module = arch_module(hf)
-    src = _ArraySource(_random_weights(cfg, seed))
-    specs = module.tensor_specs(hf, src, outtype)
+    draw = _Draw(seed)
+    specs = module.tensor_specs(hf, draw.source(_random_weights(cfg, draw)), outtype)
     return write_gguf(
         path, hf=hf, arch=module.gguf_arch(hf), outtype=outtype, specs=specs, vocab=vocab,
         name=f"tiny-{arch}-seed{seed}",
     )
 
 
-def _random_vision_weights(v: VisionConfig, n_embd_text: int, seed: int) -> dict[str, np.ndarray]:
+#: ERNIE-4.5-VL-28B-A3B's language model (its config.json, Baidu's flat format), less the layer count
+A3B_TEXT: dict[str, Any] = dict(
+    hidden_size=2560, intermediate_size=12288, num_attention_heads=20, num_key_value_heads=4,
+    vocab_size=103424, max_position_embeddings=131072, moe_num_experts=[64, 64], moe_intermediate_size=[1536, 512],
+    moe_k=6, moe_num_shared_experts=2, freq_allocation=20,
+)
+#: and its vision encoder, as ``write_tiny_mmproj`` keywords
+A3B_VISION: dict[str, int] = dict(hidden=1280, depth=32, heads=16, ff=5120)
+
+
+def a3b_config(n_layers: int = 28) -> dict[str, Any]:
+    """The config of ERNIE-4.5-VL-28B-A3B's language model with ``n_layers`` layers (layer 0 dense, the rest MoE).
+
+    Every shape is the real model's (spec section 1); only the depth may be cut, for benchmarks
+    that measure a few layers and extrapolate. The special tokens are :func:`tiny_vocab`'s.
+    """
+    if n_layers < 2:
+        raise ValueError("n_layers must be at least 2 (layer 0 is dense, the MoE layers follow)")
+    vocab = tiny_vocab()
+    ids = {t.decode("utf-8"): i for i, t in enumerate(vocab.tokens)}
+    cfg = tiny_config("ernie4_5-vl-moe", A3B_TEXT["vocab_size"], ids)
+    cfg.update(A3B_TEXT, num_hidden_layers=n_layers, moe_layer_start_index=[1, 1],
+               moe_layer_end_index=[n_layers - 1, n_layers - 1], pixel_hidden_size=A3B_VISION["hidden"])
+    cfg["vision_config"] = dict(cfg["vision_config"], depth=A3B_VISION["depth"], embed_dim=A3B_VISION["hidden"],
+                                hidden_size=A3B_TEXT["hidden_size"], num_heads=A3B_VISION["heads"], mlp_ratio=4)
+    return cfg
+
+
+def padded_vocab(vocab_size: int) -> Vocab:
+    """:func:`tiny_vocab` padded with unused ``[PADn]`` tokens to ``vocab_size``, as ERNIE pads its vocabulary."""
+    vocab = tiny_vocab()
+    n = len(vocab.tokens)
+    if vocab_size < n:
+        raise ValueError(f"vocab_size must be at least {n}")
+    vocab.tokens += [f"[PAD{i}]".encode() for i in range(n, vocab_size)]
+    vocab.scores += [-10000.0] * (vocab_size - n)
+    vocab.types += [int(TokenType.UNUSED)] * (vocab_size - n)
+    return vocab
+
+
+def write_random_gguf(
+    path: str | os.PathLike[str], config: dict[str, Any], *, seed: int = 0, outtype: str = "f16", name: str = "random",
+) -> Path:
+    """Write a random-weight model of any ``config`` (e.g. :func:`a3b_config`) to ``path``, quickly.
+
+    For multi-GB benchmark models: the weights are windows of one pool of normal draws
+    (:class:`_PoolTensor`), written block by block, so a 28B-shaped layer takes seconds and
+    memory stays small. The vocabulary is :func:`padded_vocab`; the file goes through the
+    converter's own config parsing, tensor mapping and writer, like :func:`write_tiny_gguf`.
+    """
+    hf = parse_config(config)
+    module = arch_module(hf)
+    draw = _Draw(seed, pooled=True)
+    specs = module.tensor_specs(hf, draw.source(_random_weights(config, draw)), outtype)
+    return write_gguf(
+        path, hf=hf, arch=module.gguf_arch(hf), outtype=outtype, specs=specs,
+        vocab=padded_vocab(hf.text.vocab_size), name=name,
+    )
+
+
+def _random_vision_weights(v: VisionConfig, n_embd_text: int, draw: _Draw) -> dict[str, np.ndarray | _PoolTensor]:
     """Random ViT + resampler weights under Baidu's Hub names (``vision_model.*``, ``model.resampler_model.*``)."""
-    rng = np.random.default_rng(seed)
     h, ff = v.hidden_size, v.intermediate_size
     S = h * v.spatial_merge_size ** 2
-    a: dict[str, np.ndarray] = {}
+    a: dict[str, np.ndarray | _PoolTensor] = {}
 
     def linear(name: str, n_out: int, n_in: int, bias: bool = True) -> None:
-        a[name + ".weight"] = (rng.standard_normal((n_out, n_in)) / np.sqrt(n_in)).astype(np.float32)
+        a[name + ".weight"] = draw((n_out, n_in), 1.0 / math.sqrt(n_in))
         if bias:
-            a[name + ".bias"] = (0.05 * rng.standard_normal(n_out)).astype(np.float32)
+            a[name + ".bias"] = draw((n_out,), 0.05)
 
     def norm(name: str, n: int, bias: bool = True) -> None:
-        a[name + ".weight"] = (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+        a[name + ".weight"] = draw((n,), 0.1, 1.0)
         if bias:
-            a[name + ".bias"] = (0.05 * rng.standard_normal(n)).astype(np.float32)
+            a[name + ".bias"] = draw((n,), 0.05)
 
     linear("vision_model.patch_embed.proj", h, v.in_channels * v.patch_size ** 2, bias=False)
     for i in range(v.depth):
@@ -352,12 +479,15 @@ def write_tiny_mmproj(
     depth: int = 1,
     heads: int = 2,
     ff: int = 64,
+    pooled: bool = False,
 ) -> Path:
     """Write a tiny random ERNIE 4.5 VL mmproj (vision tower + resampler) to ``path``; returns the path.
 
     ``n_embd_text`` is the hidden size of the language model it feeds (64 for
     ``write_tiny_gguf("ernie4_5-vl-moe")``). Keys and tensors are exactly those of a converted
     checkpoint (:mod:`.ernie4_5_vl_vision`); preprocessing keys have the reference defaults.
+    ``pooled`` makes the weights as :func:`write_random_gguf` does (for the full-size encoder,
+    ``**A3B_VISION``, in seconds).
     """
     if outtype not in ("f32", "f16", "bf16", "q8_0"):
         raise ConversionError(f"unknown output type {outtype!r}; choose one of f32, f16, bf16, q8_0.")
@@ -366,8 +496,8 @@ def write_tiny_mmproj(
         spatial_merge_size=2, temporal_merge_size=2, hidden_act="quick_gelu", layer_norm_eps=1e-6,
     )
     ernie4_5_vl_vision.check_supported(vision, ernie4_5_vl_vision.TEXT_RMS_EPS)
-    src = _ArraySource(_random_vision_weights(vision, n_embd_text, seed))
-    specs = ernie4_5_vl_vision.tensor_specs(vision, n_embd_text, src, outtype)
+    draw = _Draw(seed, pooled)
+    specs = ernie4_5_vl_vision.tensor_specs(vision, n_embd_text, draw.source(_random_vision_weights(vision, n_embd_text, draw)), outtype)
     return write_mmproj(
         path, vision=vision, n_embd_text=n_embd_text, preprocessor=ernie4_5_vl_vision.Preprocessor(),
         outtype=outtype, specs=specs, name=f"tiny-mmproj-seed{seed}",
