@@ -57,6 +57,7 @@ enum llama_ftype {
 
 enum ggml_tensor_flag { GGML_TENSOR_FLAG_COMPUTE, ... };
 struct ggml_tensor {
+    struct ggml_backend_buffer * buffer;
     int32_t flags;
     struct ggml_tensor * src[...];
     char name[...];
@@ -165,7 +166,9 @@ void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * 
 ggml_backend_dev_t ggml_backend_dev_by_type(enum ggml_backend_dev_type type);
 ggml_backend_buffer_type_t ggml_backend_dev_buffer_type(ggml_backend_dev_t device);
 const char * ggml_backend_buft_name(ggml_backend_buffer_type_t buft);
+const char * ggml_backend_buffer_name(struct ggml_backend_buffer * buffer);
 void ggml_backend_load_all(void);
+void ggml_backend_load_all_from_path(const char * dir_path);
 
 /* model */
 struct llama_model_params llama_model_default_params(void);

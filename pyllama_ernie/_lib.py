@@ -180,12 +180,13 @@ def _pyllama_ernie_progress(progress: float, user_data: Any) -> bool:
 class NodeObserver:
     """Carries a Python callable through llama.cpp's graph evaluation callback.
 
-    ``fn(name, op, src_names, computed)`` is called once per graph node as the
+    ``fn(name, op, src_names, computed, buffer)`` is called once per graph node as the
     scheduler reaches it; ``computed`` says whether the node is marked for
-    compute (nodes of an unselected graph branch are not).
+    compute (nodes of an unselected graph branch are not); ``buffer`` names the
+    buffer that holds its result, i.e. the backend that computes it ("CPU", "CUDA0", ...).
     """
 
-    def __init__(self, fn: Callable[[str, str, tuple, bool], None]) -> None:
+    def __init__(self, fn: Callable[[str, str, tuple, bool, str], None]) -> None:
         self.fn = fn
         self.error: Optional[BaseException] = None
         self.handle = ffi.new_handle(self)
@@ -204,8 +205,9 @@ def _pyllama_ernie_eval(t: Any, ask: bool, user_data: Any) -> bool:
         return False
     try:
         srcs = tuple(ffi.string(s.name).decode("utf-8", "replace") for s in t.src if s != ffi.NULL)
+        buffer = c_str(lib.ggml_backend_buffer_name(t.buffer)) if t.buffer != ffi.NULL else ""
         obs.fn(ffi.string(t.name).decode("utf-8", "replace"), c_str(lib.ggml_op_desc(t)), srcs,
-               bool(t.flags & lib.GGML_TENSOR_FLAG_COMPUTE))
+               bool(t.flags & lib.GGML_TENSOR_FLAG_COMPUTE), buffer)
     except BaseException as e:  # keep it for the caller
         obs.error = e
     return False  # never ask for the node's data: no extra synchronisation

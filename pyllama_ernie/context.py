@@ -251,7 +251,7 @@ class Context(_lib.CResource):
         n_threads_batch: Optional[int] = None,
         flash_attn: Optional[bool] = None,
         kv_cache_type: str = "f16",
-        observe_nodes: Optional[Callable[[str, str, tuple, bool], None]] = None,
+        observe_nodes: Optional[Callable[[str, str, tuple, bool, str], None]] = None,
     ) -> None:
         self._ptr = None
         self._batch = None

@@ -405,7 +405,7 @@ def test_model_close_with_an_open_public_stream(paths):
 def test_close_from_inside_a_running_call_is_refused(model):
     seen = []
 
-    def observe(name, op, srcs, computed):
+    def observe(name, op, srcs, computed, buffer):
         if not seen:
             try:
                 ctx.close()

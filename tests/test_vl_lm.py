@@ -32,7 +32,7 @@ def _observe(path, prompt, **kw):
 
 def _expert_nodes(seen, suffix):
     """(computed, not computed) counts of nodes reading expert/router weights whose name ends in suffix."""
-    hit = [computed for (_name, _op, srcs, computed) in seen
+    hit = [computed for (_name, _op, srcs, computed, _buffer) in seen
            if any(s.startswith("blk.") and s.endswith(suffix) for s in srcs)]
     return sum(hit), len(hit) - sum(hit)
 
@@ -70,7 +70,7 @@ def test_text_moe_computes_every_expert_node(tiny_gguf):
     seen = _observe(tiny_gguf("ernie4_5-moe"), [1, 5, 6, 7, 8])
     computed, skipped = _expert_nodes(seen, "_exps.weight")
     assert computed > 0 and skipped == 0
-    assert all(c for (_n, _o, _s, c) in seen if _n.startswith("ffn_moe_")), "an MoE node was left uncomputed"
+    assert all(c for (_n, _o, _s, c, _b) in seen if _n.startswith("ffn_moe_")), "an MoE node was left uncomputed"
 
 
 def test_image_positions_follow_reference():
