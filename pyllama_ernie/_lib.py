@@ -8,6 +8,7 @@ The process's stdout and stderr are never redirected.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any, Callable, Optional, TypeVar, Union
 
@@ -230,8 +231,54 @@ def ensure_init() -> None:
         lib.llama_log_set(lib._pyllama_ernie_log, ffi.NULL)
         lib.mtmd_log_set(lib._pyllama_ernie_log, ffi.NULL)
         lib.mtmd_helper_log_set(lib._pyllama_ernie_log, ffi.NULL)
+        _load_backend_modules()
         lib.llama_backend_init()
         _initialised = True
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def backend_modules() -> bool:
+    """Whether this build's backends are modules loaded at run time (GGML_BACKEND_DL, the GPU builds)."""
+    try:
+        from . import _build_info
+    except ImportError:  # pragma: no cover - an incomplete install
+        return False
+    return bool(_build_info.GGML_BACKEND_DL)
+
+
+def _load_backend_modules() -> None:
+    """Load the backend modules (``libggml-cpu.so``, ``libggml-cuda.so``, ...) from the package folder.
+
+    A module that cannot load (a GPU backend on a machine without the driver or its runtime
+    libraries) is skipped by ggml; without a CPU backend nothing can run, which is an error.
+    """
+    if not backend_modules():
+        return
+    lib.ggml_backend_load_all_from_path(os.fsencode(PACKAGE_DIR))
+    names = [c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))) for i in range(lib.ggml_backend_reg_count())]
+    if "CPU" not in names:
+        raise ImportError(f"pyllama_ernie could not load its CPU backend module from {PACKAGE_DIR} "
+                          f"(loaded: {', '.join(names) or 'none'}); reinstall the package")
+
+
+def module_load_error(name: str) -> Optional[str]:
+    """Why the backend module ``name`` (e.g. ``"cuda"``) of this build did not load, or None.
+
+    None also when the build has no such module. The reason is the dynamic loader's
+    (e.g. ``libcuda.so.1: cannot open shared object file``).
+    """
+    import ctypes
+
+    path = os.path.join(PACKAGE_DIR, f"libggml-{name}.so")
+    if not backend_modules() or not os.path.exists(path):
+        return None
+    try:
+        ctypes.CDLL(path)
+    except OSError as e:
+        return str(e)
+    return None
 
 
 def c_str(p: Any) -> str:

@@ -94,8 +94,7 @@ class OffloadPlan:
             if split is not None and len(split) > n_gpu:
                 raise ValueError(f"tensor_split has {len(split)} entries but {n_gpu} GPU(s) were found")
         elif wants_gpu:
-            logger.warning("no GPU found (this build's backends: %s): running on the CPU",
-                           ", ".join(_backend_names()) or "none")
+            logger.warning("no GPU found (%s): running on the CPU", no_gpu_reason())
 
         self.n_gpu_layers = n_gpu_layers
         self.main_gpu = main_gpu
@@ -147,6 +146,20 @@ def expert_patterns(n_cpu_moe: int) -> List[str]:
 def matches(patterns: Sequence[str], tensor_name: str) -> bool:
     """Whether llama.cpp's override search (``std::regex_search``) puts ``tensor_name`` on the CPU."""
     return any(re.search(p, tensor_name) for p in patterns)
+
+
+def no_gpu_reason() -> str:
+    """Why this build has no GPU device, in words (for a build and machine where it has none)."""
+    from . import _build_info
+
+    built = [name for name, on in (("CUDA", _build_info.GGML_CUDA),) if on]
+    for name in built:
+        err = _lib.module_load_error(name.lower())
+        if err:
+            return f"this build has {name}, but its backend did not load: {err}"
+    if built:
+        return f"this build has {', '.join(built)}, but no device was found"
+    return f"this build's backends: {', '.join(_backend_names()) or 'none'}"
 
 
 def _backend_names() -> List[str]:

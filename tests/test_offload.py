@@ -63,6 +63,22 @@ def test_no_gpu_warns_once_and_runs_on_cpu(tiny_gguf, caplog):
     np.testing.assert_array_equal(got, ref)
 
 
+def test_no_gpu_reason_names_the_module_that_did_not_load(tmp_path, monkeypatch):
+    """A GPU build (backend modules) on a machine without the driver: the warning says why."""
+    from pyllama_ernie import _build_info, _lib
+
+    (tmp_path / "libggml-cuda.so").write_bytes(b"not a shared library")
+    monkeypatch.setattr(_lib, "PACKAGE_DIR", str(tmp_path))
+    monkeypatch.setattr(_lib, "backend_modules", lambda: True)
+    monkeypatch.setattr(_build_info, "GGML_CUDA", True)
+    why = offload.no_gpu_reason()
+    assert why.startswith("this build has CUDA, but its backend did not load: ") and "libggml-cuda.so" in why
+    (tmp_path / "libggml-cuda.so").unlink()  # no module file: the build loaded it, no device answered
+    assert offload.no_gpu_reason() == "this build has CUDA, but no device was found"
+    monkeypatch.setattr(_build_info, "GGML_CUDA", False)
+    assert offload.no_gpu_reason() == "this build's backends: CPU"
+
+
 def test_expert_override_reaches_the_loader(tiny_gguf, caplog, monkeypatch):
     """With a GPU the overrides are passed; pretend one is used to check what llama.cpp does with them."""
     monkeypatch.setattr(offload.OffloadPlan, "uses_gpu", property(lambda self: True))
