@@ -194,13 +194,14 @@ def _fmt_size(n: int) -> str:
 
 def make_models(out_dir: str | os.PathLike[str] = ROOT / "benchmarks" / "models", types: Any = TYPES,
                 tiny: bool = False, force: bool = False, threads: int = 2,
-                verbose: bool = False) -> dict[str, dict[str, Path]]:
+                verbose: bool = False, kinds: Any = ("vl", "moe")) -> dict[str, dict[str, Path]]:
     """Write the benchmark models into ``out_dir``; returns their paths.
 
     ``{"vl": {"hf": dir, "F16": gguf, "Q8_0": gguf, "Q4_K_M": gguf, "mmproj": gguf},
     "moe": {"hf": dir, "F16": ..., "Q8_0": ..., "Q4_K_M": ...}}`` (the quantized types asked for
     in ``types``, a list or a comma-separated string; F16 always). Files already there are kept
-    unless ``force``. ``threads``: torch's and the quantizer's threads.
+    unless ``force``. ``threads``: torch's and the quantizer's threads. ``kinds``: which of
+    ``"vl"`` and ``"moe"`` to write (a list or a comma-separated string).
     """
     import torch
 
@@ -208,6 +209,9 @@ def make_models(out_dir: str | os.PathLike[str] = ROOT / "benchmarks" / "models"
     from pyllama_ernie.quantize import quantize
 
     qtypes = _parse_types(types)
+    todo = [k.strip() for k in (kinds.split(",") if isinstance(kinds, str) else kinds)]
+    if not todo or set(todo) - {"vl", "moe"}:
+        raise ValueError(f"kinds must be among vl, moe; got {kinds!r}")
     shape = TINY if tiny else BENCH
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +225,7 @@ def make_models(out_dir: str | os.PathLike[str] = ROOT / "benchmarks" / "models"
 
     tok: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="ernie-bench-tok-") as tmp:
-        for kind in ("vl", "moe"):
+        for kind in [k for k in ("vl", "moe") if k in todo]:
             name = names[kind]
             hf = out / name
             paths: dict[str, Path] = {"hf": hf}
@@ -267,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--types", default=",".join(TYPES), help=f"comma-separated, of {', '.join(TYPES)} (F16 always)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (for tests)")
     ap.add_argument("--force", action="store_true", help="rewrite files that exist")
+    ap.add_argument("--kinds", default="vl,moe", help="which models: vl, moe or both (comma-separated)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     args = ap.parse_args(argv)
     try:
@@ -274,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     t0 = time.perf_counter()
-    res = make_models(args.out, types, tiny=args.tiny, force=args.force, threads=args.threads, verbose=True)
+    try:
+        res = make_models(args.out, types, tiny=args.tiny, force=args.force, threads=args.threads, verbose=True,
+                          kinds=args.kinds)
+    except ValueError as e:
+        ap.error(str(e))
     print(f"done in {time.perf_counter() - t0:.1f} s")
     for kind, paths in res.items():
         for key, p in paths.items():

@@ -211,6 +211,7 @@ class BenchResult:
     mmproj: Optional[str] = None
     image_ms: Dict[str, Stat] = field(default_factory=dict)
     ttft_ms: Optional[Stat] = None
+    gpu_memory_mb: Optional[float] = None
     machine: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -239,6 +240,8 @@ class BenchResult:
             lines.append(f"ttft image+text  {self.ttft_ms} ms")
         if self.peak_rss_mb is not None:
             lines.append(f"peak RSS         {self.peak_rss_mb:.0f} MiB")
+        if self.gpu_memory_mb is not None:
+            lines.append(f"GPU memory       {self.gpu_memory_mb:.0f} MiB  (taken by the model, its context and projector)")
         lines += [
             f"read bandwidth   {self.bandwidth_gbs} GB/s ({self.n_threads} threads, same run)",
             f"weights/token    {self.weight_bytes_per_token / 1e6:.1f} MB of {self.file_bytes / 1e6:.1f} MB",
@@ -265,6 +268,9 @@ def _machine(n_threads: int) -> Dict[str, Any]:
     info["llama_cpp_commit"] = sysinfo["llama_cpp_commit"]
     info["patches"] = len(sysinfo["patches"])
     info["build"] = sysinfo["build"]
+    from .offload import gpu_devices
+
+    info["gpus"] = [ffi.string(lib.ggml_backend_dev_description(d)).decode("utf-8", "replace") for d in gpu_devices()]
     return info
 
 
@@ -306,6 +312,7 @@ def run_bench(
 
     # room for the prompt, or for one image of up to ~1500 tokens and the question
     n_ctx = max(n_prompt + 64, n_gen + 66, 2048 if images else 0)
+    gpu_free_before = _gpu_free_bytes()
     with Model(model_path, n_ctx=n_ctx, n_batch=max(512, n_prompt),
                n_ubatch=512, n_threads=threads, mmproj_path=mmproj_path, **model_kwargs) as model:
         ctx = model.ctx
@@ -354,6 +361,7 @@ def run_bench(
         if images:
             ttft_once()
         rss = peak_rss_mb()
+        gpu_mb = (gpu_free_before - _gpu_free_bytes()) / 2**20 if model.offload.gpus else None
 
         probe = BandwidthProbe()
         pp: List[float] = []
@@ -381,8 +389,20 @@ def run_bench(
             pp=Stat.of(pp), tg=Stat.of(tg), host_us_per_token=Stat.of(host), bandwidth_gbs=Stat.of(bw),
             weight_bytes_per_token=weights["per_token"], file_bytes=weights["total"], peak_rss_mb=rss,
             image_ms={label: Stat.of(v) for label, v in img.items()},
-            ttft_ms=Stat.of(ttft) if ttft else None, machine=_machine(threads),
+            ttft_ms=Stat.of(ttft) if ttft else None, gpu_memory_mb=gpu_mb, machine=_machine(threads),
         )
+
+
+def _gpu_free_bytes() -> int:
+    """Free memory summed over the GPUs this build sees (0 without any)."""
+    from .offload import gpu_devices
+
+    total = 0
+    for dev in gpu_devices():
+        free, size = ffi.new("size_t *"), ffi.new("size_t *")
+        lib.ggml_backend_dev_memory(dev, free, size)
+        total += free[0]
+    return total
 
 
 def _ttft_prompt(model: Any, image: Any) -> str:
