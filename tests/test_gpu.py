@@ -2,7 +2,8 @@
 
 Logits of the tiny models with every layer offloaded, against the CPU and against
 transformers; with the MoE experts kept in CPU memory (``cpu_moe``); image features
-with the projector on the GPU; greedy continuations. Bounds: GPU kernels sum in
+and an image prompt's logits with the projector on the GPU, against the CPU and
+against transformers; greedy continuations. Bounds: GPU kernels sum in
 other orders than the CPU's (and cuBLAS may use reduced-precision paths), so the
 F32 bound is 1e-3 of the largest logit rather than the CPU suite's 1e-4.
 """
@@ -13,7 +14,9 @@ import numpy as np
 import pytest
 
 from pyllama_ernie import Model, offload
+from pyllama_ernie.multimodal import IMAGE_MARKER
 from test_parity_text import reference_logits, rel_err
+from test_vision import _ref_features, _ref_logits, _reference_case, _rgb
 
 pytestmark = pytest.mark.skipif(not offload.gpu_devices(), reason="no GPU found by this build")
 
@@ -61,3 +64,20 @@ def test_vl_logits_and_image_features_on_gpu(vl_gguf, vl_mmproj):
     assert rel_err(f_gpu, f_cpu.astype(np.float64)) < GPU_BOUND
     assert rel_err(l_gpu, l_cpu.astype(np.float64)) < GPU_BOUND
     assert t_gpu == t_cpu
+
+
+@pytest.mark.parametrize("name", ["vl_a", "vl_b"])
+def test_vl_image_prompt_on_gpu_matches_reference(name, vl_gguf, vl_mmproj, vl_reference_model, reference_tokenizer_vl):
+    ref, tok = vl_reference_model(name), reference_tokenizer_vl(name)
+    image = _rgb(56, 84, seed=7)
+    prompt = f"User: Picture 1:{IMAGE_MARKER}Describe the picture.\nAssistant: "
+    with Model(vl_gguf(name), mmproj_path=vl_mmproj(name), n_gpu_layers=-1, mmproj_gpu=True,
+               kv_cache_type="f32", flash_attn=False, n_ctx=1024, n_batch=64) as m:
+        assert m.offload.uses_gpu
+        (want_feats,), _ = _ref_features(ref, [image])
+        assert rel_err(m.image_features(image).data, want_feats) < GPU_BOUND
+        ids, kw = _reference_case(ref, tok, prompt, [image], [])
+        got = m.logits(prompt, images=[image])
+    want = _ref_logits(ref, ids, kw)
+    assert got.shape == want.shape
+    assert rel_err(got, want) < GPU_BOUND
