@@ -636,6 +636,7 @@ class Context(_lib.CResource):
             n_vocab = self._n_vocab
             banned = self.model.eog_tokens if ignore_eos else ()
             banned_idx = np.array(banned, dtype=np.int64)
+            banned_set = frozenset(banned)
             sampler = None if sampling.greedy else _Sampler(sampling, n_vocab, banned)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             piece_buf = ffi.new("char[]", 256)
@@ -660,10 +661,11 @@ class Context(_lib.CResource):
                         break
                     if sampler is None:
                         row = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, -1), n_vocab * 4), dtype=np.float32)
-                        if banned:
+                        tok = int(row.argmax())
+                        if tok in banned_set:  # rare: mask the banned tokens and look again
                             row = row.copy()
                             row[banned_idx] = -np.inf
-                        tok = int(row.argmax())
+                            tok = int(row.argmax())
                     else:
                         tok = sampler.sample(ctx)
                     if lib.llama_vocab_is_eog(vocab, tok):

@@ -310,6 +310,22 @@ def test_quiet_by_default(tiny_path, capfd):
     assert "special_eot_id" not in captured.err  # <|end_of_sentence|> is an end-of-generation token (patch 0003)
 
 
+def test_ignore_eos_takes_the_best_token_that_is_not_banned(exact):
+    """Greedy with ignore_eos: when the best token ends generation, the next best is taken."""
+    row = exact.logits(PROMPT)[-1]
+    order = np.argsort(-row, kind="stable")
+    best, second = int(order[0]), int(order[1])
+    assert row[best] > row[second]  # no tie at the top for this prompt
+    real = exact.eog_tokens
+    try:
+        exact._eog = real + [best]  # pretend the best token is an end-of-generation token
+        out = exact.generate(PROMPT, max_tokens=1, temperature=0, ignore_eos=True)
+    finally:
+        exact._eog = real
+    assert out.tokens == [second]
+    assert exact.generate(PROMPT, max_tokens=1, temperature=0, ignore_eos=True).tokens == [best]
+
+
 def test_system_info():
     info = pyllama_ernie.system_info()
     assert info["version"] == pyllama_ernie.__version__
