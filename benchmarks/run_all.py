@@ -84,7 +84,7 @@ _COMPUTE = re.compile(r"(\w+) compute buffer size =\s*([\d.]+) MiB")
 def llama_completion(binary: Path, model: Path, threads: int) -> Dict[str, Any]:
     """One greedy 128-token generation: llama-completion's own eval rate, and its compute buffers."""
     cmd = [str(binary), "-m", str(model), "-p", "Hello", "-n", "128", "-t", str(threads), "--temp", "0",
-           "--ignore-eos", "-no-cnv", "--no-warmup"]
+           "--ignore-eos", "-no-cnv", "--no-warmup", "-lv", "4"]  # 4: llama.cpp's INFO lines (compute buffers)
     out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=True)
     log_text = out.stderr
     gen = _EVAL.findall(log_text)  # "prompt eval time" does not match: generation only
