@@ -28,20 +28,13 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 
 
-def main(argv: List[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model")
-    ap.add_argument("-t", "--threads", type=int, default=None)
-    ap.add_argument("-n", "--tokens", type=int, default=128)
-    ap.add_argument("-r", "--repetitions", type=int, default=5)
-    args = ap.parse_args(argv)
-
+def measure(model_path: str, threads: int | None = None, n: int = 128, repetitions: int = 5) -> Dict[str, Dict[str, List[float]]]:
+    """``{variant: {"wall": [us per token, ...], "timer": [...]}}`` for decode-only, raw and ours."""
     from pyllama_ernie import Model
     from pyllama_ernie._lib import ffi, lib
     from pyllama_ernie.context import SamplingParams
 
-    n = args.tokens
-    with Model(args.model, n_ctx=max(512, n + 16), n_threads=args.threads) as model:
+    with Model(model_path, n_ctx=max(512, n + 16), n_threads=threads) as model:
         ctx = model.ctx
         c = ctx._ptr
         b = ctx._batch
@@ -93,28 +86,55 @@ def main(argv: List[str] | None = None) -> int:
         variants: Dict[str, Callable[[], Tuple[float, float]]] = {"decode-only": decode_only, "raw": raw, "ours": ours}
         for fn in variants.values():  # warm-up
             fn()
-        walls: Dict[str, List[float]] = {k: [] for k in variants}
-        timers: Dict[str, List[float]] = {k: [] for k in variants}
-        for _ in range(args.repetitions):
+        res: Dict[str, Dict[str, List[float]]] = {k: {"wall": [], "timer": []} for k in variants}
+        for _ in range(repetitions):
             for name, fn in variants.items():
                 wall, timer = fn()
-                walls[name].append(wall / n * 1e6)
-                timers[name].append(timer / n * 1e6)
+                res[name]["wall"].append(wall / n * 1e6)
+                res[name]["timer"].append(timer / n * 1e6)
+    return res
 
+
+def summary(res: Dict[str, Dict[str, List[float]]]) -> Dict[str, float]:
+    """Medians: each variant's wall and host us per token, and the differences between variants."""
+    med = {k: statistics.median(v["wall"]) for k, v in res.items()}
+    out = {f"{k}_wall_us": w for k, w in med.items()}
+    for k in ("raw", "ours"):
+        out[f"{k}_host_us"] = statistics.median(w - t for w, t in zip(res[k]["wall"], res[k]["timer"]))
+    out["ours_minus_raw_us"] = med["ours"] - med["raw"]
+    out["raw_minus_decode_only_us"] = med["raw"] - med["decode-only"]
+    out["ours_vs_decode_only"] = med["decode-only"] / med["ours"]
+    return out
+
+
+def format(res: Dict[str, Dict[str, List[float]]]) -> str:
+    """The table and the differences, as text."""
     def stat(v: List[float]) -> str:
         if any(x != x for x in v):
             return "-"
         return f"{statistics.median(v):7.1f} ({min(v):.1f}..{max(v):.1f})"
 
-    print(f"{args.model}: {n} tokens, {args.repetitions} repetitions, us per token (median (min..max))")
-    print(f"{'':12s} {'wall':>24s} {'decode timer':>24s} {'host = wall - timer':>24s}")
-    for name in variants:
-        host = [w - t for w, t in zip(walls[name], timers[name])]
-        print(f"{name:12s} {stat(walls[name]):>24s} {stat(timers[name]):>24s} {stat(host):>24s}")
-    med = {k: statistics.median(v) for k, v in walls.items()}
-    print(f"ours - raw          {med['ours'] - med['raw']:7.1f} us  (our Python loop beyond the bare calls)")
-    print(f"raw - decode-only   {med['raw'] - med['decode-only']:7.1f} us  (reading the logits, argmax)")
-    print(f"ours / decode-only  {med['decode-only'] / med['ours']:.3f}  (tokens/s ratio)")
+    lines = [f"{'':12s} {'wall':>24s} {'decode timer':>24s} {'host = wall - timer':>24s}"]
+    for name, r in res.items():
+        host = [w - t for w, t in zip(r["wall"], r["timer"])]
+        lines.append(f"{name:12s} {stat(r['wall']):>24s} {stat(r['timer']):>24s} {stat(host):>24s}")
+    s = summary(res)
+    lines += [f"ours - raw          {s['ours_minus_raw_us']:7.1f} us  (our Python loop beyond the bare calls)",
+              f"raw - decode-only   {s['raw_minus_decode_only_us']:7.1f} us  (reading the logits, argmax)",
+              f"ours / decode-only  {s['ours_vs_decode_only']:.3f}  (tokens/s ratio)"]
+    return "\n".join(lines)
+
+
+def main(argv: List[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("-n", "--tokens", type=int, default=128)
+    ap.add_argument("-r", "--repetitions", type=int, default=5)
+    args = ap.parse_args(argv)
+    res = measure(args.model, args.threads, args.tokens, args.repetitions)
+    print(f"{args.model}: {args.tokens} tokens, {args.repetitions} repetitions, us per token (median (min..max))")
+    print(format(res))
     return 0
 
 

@@ -150,6 +150,18 @@ def write_report(R: Dict[str, Any], path: Path) -> str:
           "tree and ggml options as the wheel (`benchmarks/build_tools.py`). host us/token = generation wall "
           "time minus llama.cpp's decode timer, per token.", ""]
 
+    if R.get("host"):
+        L += ["## Where the host time goes (VL file, `benchmarks/host_time.py`)", "",
+              "| type | ours wall us/token | bare loop wall | decode-only wall | ours - bare loop | bare loop - decode-only "
+              "| ours host us | bare loop host us | tok/s ours / decode-only |", "|---|---|---|---|---|---|---|---|---|"]
+        for q, h in R["host"].items():
+            L.append(f"| {q} | {_f(h['ours_wall_us'])} | {_f(h['raw_wall_us'])} | {_f(h['decode-only_wall_us'])} "
+                     f"| {_f(h['ours_minus_raw_us'])} | {_f(h['raw_minus_decode_only_us'])} | {_f(h['ours_host_us'])} "
+                     f"| {_f(h['raw_host_us'])} | {_f(h['ours_vs_decode_only'], 3)} |")
+        L += ["", "bare loop = `llama_decode` + `llama_get_logits_ith` + numpy argmax per token from Python; "
+              "decode-only = `llama_decode` back to back without reading logits (llama-bench's tg loop); "
+              "host = wall minus llama.cpp's decode timer. Interleaved in one process, same context.", ""]
+
     L += ["## Dual experts: ernie4_5-vl-moe text mode vs the same text shapes as ernie4_5-moe", "",
           "| type | ours pp VL/MoE | ours tg VL/MoE | llama-bench pp VL/MoE | llama-bench tg VL/MoE |",
           "|---|---|---|---|---|"]
@@ -237,6 +249,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     types = [t.strip().upper() for t in args.types.split(",") if t.strip()]
 
     from build_tools import build_tools
+    from host_time import measure as measure_host
+    from host_time import summary as summary_host
     from make_models import make_models
 
     log("models")
@@ -266,6 +280,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             raw[q]["lbu_moe"].append(llama_bench(lb_u, Path(moe[q]), th, reps))
             raw[q]["comp_moe"].append(llama_completion(comp, Path(moe[q]), th))
 
+    host: Dict[str, Any] = {}
+    for q in types:
+        log(f"host time per token {q}: ours, a bare decode+argmax loop, decode only")
+        host[q] = summary_host(measure_host(str(vl[q]), th, 128, 2 * reps))
+
     tf = None
     if not args.skip_transformers:
         from vs_transformers import measure
@@ -276,7 +295,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             tf[dt] = _flatten_tf(measure(vl["hf"], dt, th, reps))
 
     R: Dict[str, Any] = {"machine": _machine(), "threads": th, "reps": reps, "rounds": args.rounds,
-                         "types": {}, "transformers": tf, "raw": raw}
+                         "types": {}, "transformers": tf, "raw": raw, "host": host}
     for q in types:
         r = raw[q]
         row: Dict[str, Any] = {}

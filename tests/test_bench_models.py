@@ -200,3 +200,25 @@ def test_vs_transformers_cli_json(tiny, capsys):
     assert vs_transformers.KEYS == (f"pp{vs_transformers.PROMPT_TOKENS}_tok_s", f"tg{vs_transformers.GEN_TOKENS}_tok_s",
                                     *(f"image_{n}_ms" for n in vs_transformers.IMAGE_SIZES))
     assert vs_transformers.KEYS == ("pp512_tok_s", "tg128_tok_s", "image_448_ms", "image_896_ms")
+
+
+def test_host_time_measure(tiny):
+    """host_time.measure: three interleaved variants with per-token figures; the decode timer
+    covers part of each token's wall time, and the summary's differences are the medians'."""
+    import statistics
+
+    host_time = _load("host_time")
+    res = host_time.measure(str(tiny["moe"]["Q8_0"]), threads=1, n=8, repetitions=2)
+    assert list(res) == ["decode-only", "raw", "ours"]
+    for name, r in res.items():
+        assert len(r["wall"]) == len(r["timer"]) == 2
+        assert all(w > 0 and math.isfinite(w) for w in r["wall"])
+        if name == "decode-only":
+            assert all(math.isnan(t) for t in r["timer"])  # one synchronisation: the timer cannot split it
+        else:
+            assert all(0 < t < w for t, w in zip(r["timer"], r["wall"]))
+    s = host_time.summary(res)
+    med = {k: statistics.median(v["wall"]) for k, v in res.items()}
+    assert s["ours_minus_raw_us"] == pytest.approx(med["ours"] - med["raw"])
+    assert s["ours_vs_decode_only"] == pytest.approx(med["decode-only"] / med["ours"])
+    assert "ours - raw" in host_time.format(res)
