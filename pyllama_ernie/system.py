@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from . import _lib
 from ._lib import c_str, ffi, lib
@@ -72,8 +72,19 @@ def system_info() -> Dict[str, Any]:
             "native": bi.GGML_NATIVE,
             "build_type": bi.CMAKE_BUILD_TYPE,
             "compiler": bi.COMPILER,
+            "backend_modules": bool(getattr(bi, "GGML_BACKEND_DL", False)),
         },
         "llama_system_info": raw.strip(),
         "gpu_offload": bool(lib.llama_supports_gpu_offload()),
+        # why a GPU build sees no GPU here (None when it sees one, or is a CPU build)
+        "no_gpu_reason": _no_gpu_reason(bi),
         "mmap": bool(lib.llama_supports_mmap()),
     }
+
+
+def _no_gpu_reason(bi: Any) -> Optional[str]:
+    from . import offload
+
+    if not bi.GGML_CUDA or offload.gpu_devices():
+        return None
+    return offload.no_gpu_reason()

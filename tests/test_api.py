@@ -335,6 +335,13 @@ def test_system_info():
     assert info["cpu_features"]
     if platform.machine() in ("x86_64", "AMD64"):
         assert "AVX2" in info["cpu_features"]  # the portable x86 build targets AVX2
+    from pyllama_ernie import _build_info, offload
+
+    assert info["build"]["backend_modules"] is _build_info.GGML_BACKEND_DL
+    if _build_info.GGML_CUDA and not offload.gpu_devices():
+        assert info["no_gpu_reason"].startswith("this build has CUDA")
+    else:
+        assert info["no_gpu_reason"] is None
 
 
 def test_ignore_eos_never_ends_early(exact):
