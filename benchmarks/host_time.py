@@ -2,14 +2,16 @@
 
     python benchmarks/host_time.py MODEL.gguf [-t 2] [-n 128] [-r 5]
 
-Three ways of generating ``n`` tokens on one context, interleaved, ``r`` times each:
+Four ways of generating ``n`` tokens on one context, interleaved, ``r`` times each:
 
 - ``decode-only``: ``llama_decode`` of one token after another, never reading the logits
   (what llama-bench's tg test does);
 - ``raw``: ``llama_decode``, ``llama_get_logits_ith`` and a numpy argmax per token, the
   least a Python greedy loop can do;
-- ``ours``: ``Context.generate_tokens`` (greedy argmax, detokenization, stop handling,
-  cancellation checks, the streaming hand-over).
+- ``ours``: the loop behind ``Model.generate`` (``Context.generate_tokens`` with
+  ``stream=False``: greedy argmax, detokenization, stop handling, cancellation checks);
+- ``ours-stream``: the same loop streaming (``Model.stream``): it also hands each piece over
+  through a ``yield``.
 
 For each: wall time per token and, where llama.cpp's decode timer can tell it
 (``llama_perf_context``: from after the batch checks to the logits being ready), the
@@ -29,7 +31,7 @@ import numpy as np
 
 
 def measure(model_path: str, threads: int | None = None, n: int = 128, repetitions: int = 5) -> Dict[str, Dict[str, List[float]]]:
-    """``{variant: {"wall": [us per token, ...], "timer": [...]}}`` for decode-only, raw and ours."""
+    """``{variant: {"wall": [us per token, ...], "timer": [...]}}`` for decode-only, raw, ours, ours-stream."""
     from pyllama_ernie import Model
     from pyllama_ernie._lib import ffi, lib
     from pyllama_ernie.context import SamplingParams
@@ -72,10 +74,11 @@ def measure(model_path: str, threads: int | None = None, n: int = 128, repetitio
             wall = time.perf_counter() - t0
             return wall, lib.llama_perf_context(c).t_eval_ms / 1e3
 
-        def ours() -> Tuple[float, float]:
+        def ours(stream: bool) -> Tuple[float, float]:
             fresh()
             ctx.reset()  # generate_tokens evaluates the prompt itself
-            gen = ctx.generate_tokens(start, max_tokens=n, sampling=SamplingParams(temperature=0), ignore_eos=True)
+            gen = ctx.generate_tokens(start, max_tokens=n, sampling=SamplingParams(temperature=0), ignore_eos=True,
+                                      stream=stream)
             done = None
             for piece in gen:
                 done = piece
@@ -83,7 +86,8 @@ def measure(model_path: str, threads: int | None = None, n: int = 128, repetitio
             t_eval = lib.llama_perf_context(c).t_eval_ms / 1e3
             return done.timings.generation_ms / 1e3, t_eval
 
-        variants: Dict[str, Callable[[], Tuple[float, float]]] = {"decode-only": decode_only, "raw": raw, "ours": ours}
+        variants: Dict[str, Callable[[], Tuple[float, float]]] = {
+            "decode-only": decode_only, "raw": raw, "ours": lambda: ours(False), "ours-stream": lambda: ours(True)}
         for fn in variants.values():  # warm-up
             fn()
         res: Dict[str, Dict[str, List[float]]] = {k: {"wall": [], "timer": []} for k in variants}
@@ -99,7 +103,7 @@ def summary(res: Dict[str, Dict[str, List[float]]]) -> Dict[str, float]:
     """Medians: each variant's wall and host us per token, and the differences between variants."""
     med = {k: statistics.median(v["wall"]) for k, v in res.items()}
     out = {f"{k}_wall_us": w for k, w in med.items()}
-    for k in ("raw", "ours"):
+    for k in ("raw", "ours", "ours-stream"):
         out[f"{k}_host_us"] = statistics.median(w - t for w, t in zip(res[k]["wall"], res[k]["timer"]))
     out["ours_minus_raw_us"] = med["ours"] - med["raw"]
     out["raw_minus_decode_only_us"] = med["raw"] - med["decode-only"]

@@ -612,10 +612,13 @@ class Context(_lib.CResource):
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
         cancel: Optional[threading.Event] = None,
+        stream: bool = True,
     ) -> Iterator[Union[str, Completion]]:
         """The decode loop: yields text pieces, then one final :class:`Completion`.
 
         Pieces never split a UTF-8 character and never contain (part of) a stop string.
+        With ``stream=False`` (a caller that only wants the result) the loop yields no
+        pieces on the way, only the :class:`Completion`: no hand-over per token.
         With ``ignore_eos`` end-of-generation tokens are never sampled. :meth:`cancel`
         (or setting ``cancel``) from another thread ends generation within one token,
         with ``finish_reason == "cancelled"``.
@@ -639,7 +642,11 @@ class Context(_lib.CResource):
             banned_set = frozenset(banned)
             sampler = None if sampling.greedy else _Sampler(sampling, n_vocab, banned)
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            partial = False  # the decoder holds the first bytes of a character
             piece_buf = ffi.new("char[]", 256)
+            # Nobody looks at the text before the end (no stream, no stop strings): detokenize
+            # once after the loop, not between two decodes.
+            text_at_end = not stream and not stop
             out_tokens: List[int] = []
             text_parts: List[str] = []
             held = ""  # text not yet emitted because it may begin a stop string
@@ -672,13 +679,18 @@ class Context(_lib.CResource):
                         finish = "stop"
                         break
                     out_tokens.append(tok)
-                    n = lib.llama_token_to_piece(vocab, tok, piece_buf, 256, 0, False)
-                    if n < 0:
-                        big = ffi.new("char[]", -n)
-                        n = lib.llama_token_to_piece(vocab, tok, big, -n, 0, False)
-                        piece = decoder.decode(ffi.unpack(big, n))
+                    if text_at_end:
+                        piece = ""
+                    elif partial:
+                        piece = decoder.decode(_piece_bytes(vocab, tok, piece_buf))
+                        partial = bool(decoder.getstate()[0])
                     else:
-                        piece = decoder.decode(ffi.unpack(piece_buf, n))
+                        raw = _piece_bytes(vocab, tok, piece_buf)
+                        try:  # the usual case, whole characters: no incremental decoder needed
+                            piece = raw.decode("utf-8")
+                        except UnicodeDecodeError:
+                            piece = decoder.decode(raw)
+                            partial = bool(decoder.getstate()[0])
                     if piece:
                         held += piece
                         if stop:
@@ -689,17 +701,19 @@ class Context(_lib.CResource):
                                 finish = "stop"
                                 if emit:
                                     text_parts.append(emit)
-                                    self._pause()
-                                    yield emit
+                                    if stream:
+                                        self._pause()
+                                        yield emit
                                 break
                         if len(held) > hold:
                             emit, held = held[: len(held) - hold], held[len(held) - hold:]
                             text_parts.append(emit)
-                            self._pause()
-                            yield emit
-                            if not self._resume():  # closed while paused: the C context is gone
-                                finish = "cancelled"
-                                break
+                            if stream:
+                                self._pause()
+                                yield emit
+                                if not self._resume():  # closed while paused: the C context is gone
+                                    finish = "cancelled"
+                                    break
                     # feed the token back
                     b.token[0] = tok
                     b.pos[0] = pos
@@ -716,13 +730,17 @@ class Context(_lib.CResource):
                     pos += 1
                     keys.append(tok)
                     nexts.append(pos)
+                if text_at_end and out_tokens:  # while the model is still held
+                    text_parts.append(b"".join(_piece_bytes(vocab, t, piece_buf) for t in out_tokens)
+                                      .decode("utf-8", "replace"))
                 # no more llama.cpp calls on this context: close() need not wait for the rest
                 self._pause()
-                if stop_hit is None:
+                if not text_at_end and stop_hit is None:
                     held += decoder.decode(b"", final=True)
                     if held:
                         text_parts.append(held)
-                        yield held
+                        if stream:
+                            yield held
             finally:
                 if sampler is not None:
                     sampler.close()
@@ -737,6 +755,16 @@ class Context(_lib.CResource):
                 timings=Timings(prompt_ms, (t2 - t1) * 1e3, len(units) - n_cached, len(out_tokens)),
                 stop=stop_hit,
             )
+
+
+def _piece_bytes(vocab: Any, token: int, buf: Any) -> bytes:
+    """The bytes of one token's text (``buf``: a 256-byte scratch buffer)."""
+    n = lib.llama_token_to_piece(vocab, token, buf, 256, 0, False)
+    if n < 0:
+        big = ffi.new("char[]", -n)
+        n = lib.llama_token_to_piece(vocab, token, big, -n, 0, False)
+        return ffi.unpack(big, n)
+    return ffi.unpack(buf, n)
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> Optional[tuple]:

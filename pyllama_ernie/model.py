@@ -584,7 +584,7 @@ class Model(_lib.CResource):
         """
         result: Optional[Completion] = None
         for item in self._run(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
-                              ignore_eos, images, videos, cancel):
+                              ignore_eos, images, videos, cancel, stream=False):
             if isinstance(item, Completion):
                 result = item
         assert result is not None
@@ -594,7 +594,7 @@ class Model(_lib.CResource):
              min_p: float, repeat_penalty: float, seed: Optional[int],
              stop: Union[str, Sequence[str], None], ignore_eos: bool, images: Optional[Sequence[Any]] = None,
              videos: Optional[Sequence[Any]] = None, cancel: Optional[threading.Event] = None,
-             add_special: bool = True) -> Iterator[Union[str, Completion]]:
+             add_special: bool = True, stream: bool = True) -> Iterator[Union[str, Completion]]:
         params = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, seed)
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
@@ -606,7 +606,7 @@ class Model(_lib.CResource):
                 f"the prompt has {len(tokens)} tokens; the context holds {ctx.n_ctx} "
                 "(create the Model with a larger n_ctx)", llama_log="")
         gen = ctx.generate_tokens(tokens, max_tokens=max_tokens, sampling=params, stop=stops, ignore_eos=ignore_eos,
-                                  cancel=cancel)
+                                  cancel=cancel, stream=stream)
 
         def counted() -> Iterator[Union[str, Completion]]:
             for item in gen:
@@ -712,7 +712,7 @@ class Model(_lib.CResource):
         add_special = not (bos and prompt.startswith(bos))
         thinking = chat.opens_thinking(prompt)
         gen = self._run(prompt, max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, stop,
-                        False, images, videos, cancel, add_special=add_special)
+                        False, images, videos, cancel, add_special=add_special, stream=stream)
         name = self.path.name
         if stream:
             return chat.chunks(name, gen, thinking)

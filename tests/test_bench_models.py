@@ -209,7 +209,7 @@ def test_host_time_measure(tiny):
 
     host_time = _load("host_time")
     res = host_time.measure(str(tiny["moe"]["Q8_0"]), threads=1, n=8, repetitions=2)
-    assert list(res) == ["decode-only", "raw", "ours"]
+    assert list(res) == ["decode-only", "raw", "ours", "ours-stream"]
     for name, r in res.items():
         assert len(r["wall"]) == len(r["timer"]) == 2
         assert all(w > 0 and math.isfinite(w) for w in r["wall"])
