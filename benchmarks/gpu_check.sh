@@ -117,25 +117,22 @@ lbench() {  # llama-bench on the same file: all layers on the GPU, then the expe
             || step "llama-bench $1 -ncmoe $ncmoe failed"
     done
 }
+bench_file() {  # LABEL GGUF MMPROJ: all layers on the GPU (with images), then experts in CPU memory, then llama-bench
+    [ -e "$2" ] || return 0
+    step "bench $1"
+    bench "$1" "$2" -ngl -1 --mmproj "$3"
+    bench "$1-cpu-moe" "$2" -ngl -1 --cpu-moe
+    lbench "$2"
+}
 step "28B-A3B-shaped models (layers $A3B_LAYERS)"
 timeout 300 $PY benchmarks/make_a3b.py --out "$M" --layers "$A3B_LAYERS" --types Q4_K_M -t "$JOBS" >>"$OUT/gpu.txt" 2>&1
 for n in ${A3B_LAYERS//,/ }; do
-    f=$M/ernie-vl-a3b-L$n-Q4_K_M.gguf
-    [ -e "$f" ] || continue
-    step "bench a3b L$n"
-    bench "a3b-L$n-Q4_K_M" "$f" -ngl -1 --mmproj "$M/mmproj-ernie-vl-a3b-F16.gguf"
-    bench "a3b-L$n-Q4_K_M-cpu-moe" "$f" -ngl -1 --cpu-moe
-    lbench "$f"
+    bench_file "a3b-L$n-Q4_K_M" "$M/ernie-vl-a3b-L$n-Q4_K_M.gguf" "$M/mmproj-ernie-vl-a3b-F16.gguf"
 done
 step "bench-shape model"
 timeout 300 $PY benchmarks/make_models.py --out "$M" --kinds vl --types Q4_K_M -t "$JOBS" >>"$OUT/gpu.txt" 2>&1
 for q in $BENCH_TYPES; do
-    f=$M/ernie-vl-bench-$q.gguf
-    [ -e "$f" ] || continue
-    step "bench bench-shape $q"
-    bench "vl-bench-$q" "$f" -ngl -1 --mmproj "$M/mmproj-ernie-vl-bench-F16.gguf"
-    bench "vl-bench-$q-cpu-moe" "$f" -ngl -1 --cpu-moe
-    lbench "$f"
+    bench_file "vl-bench-$q" "$M/ernie-vl-bench-$q.gguf" "$M/mmproj-ernie-vl-bench-F16.gguf"
 done
 
 # 5. report ------------------------------------------------------------------------------------------
