@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 from typing import Any, Callable, TextIO
@@ -273,16 +274,30 @@ class _ChatSession:
                 items.put(("error", e))
             items.put(("done", None))
 
+        def stop_answer(*_: Any) -> None:  # Ctrl-C: the worker ends within a token
+            cancel.set()
+            self.model.cancel()
+
+        # While the answer runs, Ctrl-C calls stop_answer instead of raising KeyboardInterrupt,
+        # which could land anywhere in this loop (inside the queue's lock, or in an except clause).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, stop_answer) if main else None
         printer = _AnswerPrinter(self.stdout, self.args.think is True)
         worker = threading.Thread(target=work, name="pyllama-ernie-chat", daemon=True)
-        worker.start()
         finish: str | None = None
         usage: dict[str, Any] = {}
         error: BaseException | None = None
         started = False  # the answer began (its first chunk came)
-        while True:
-            try:
-                kind, item = items.get(timeout=0.25)
+        try:
+            worker.start()
+            while True:
+                try:
+                    kind, item = items.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                except KeyboardInterrupt:  # not from the main thread, or a handler of another signal
+                    stop_answer()
+                    continue
                 if kind == "done":
                     break
                 if kind == "error":
@@ -296,12 +311,10 @@ class _ChatSession:
                 if choice.get("finish_reason"):
                     finish = choice["finish_reason"]
                     usage = item.get("usage") or {}
-            except queue.Empty:
-                continue
-            except KeyboardInterrupt:  # stop this answer: the worker ends within a token
-                cancel.set()
-                self.model.cancel()
-        worker.join()
+            worker.join()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         if started:
             printer.end()
         if error is not None and self.images:
