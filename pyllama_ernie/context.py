@@ -682,10 +682,10 @@ class Context(_lib.CResource):
                     if text_at_end:
                         piece = ""
                     elif partial:
-                        piece = decoder.decode(_piece_bytes(vocab, tok, piece_buf))
+                        piece = decoder.decode(piece_bytes(vocab, tok, piece_buf))
                         partial = bool(decoder.getstate()[0])
                     else:
-                        raw = _piece_bytes(vocab, tok, piece_buf)
+                        raw = piece_bytes(vocab, tok, piece_buf)
                         try:  # the usual case, whole characters: no incremental decoder needed
                             piece = raw.decode("utf-8")
                         except UnicodeDecodeError:
@@ -731,7 +731,7 @@ class Context(_lib.CResource):
                     keys.append(tok)
                     nexts.append(pos)
                 if text_at_end and out_tokens:  # while the model is still held
-                    text_parts.append(b"".join(_piece_bytes(vocab, t, piece_buf) for t in out_tokens)
+                    text_parts.append(b"".join(piece_bytes(vocab, t, piece_buf) for t in out_tokens)
                                       .decode("utf-8", "replace"))
                 # no more llama.cpp calls on this context: close() need not wait for the rest
                 self._pause()
@@ -757,12 +757,12 @@ class Context(_lib.CResource):
             )
 
 
-def _piece_bytes(vocab: Any, token: int, buf: Any) -> bytes:
-    """The bytes of one token's text (``buf``: a 256-byte scratch buffer)."""
-    n = lib.llama_token_to_piece(vocab, token, buf, 256, 0, False)
+def piece_bytes(vocab: Any, token: int, buf: Any, special: bool = False) -> bytes:
+    """The bytes of one (valid) token's text; ``buf``: a scratch ``char[256]``."""
+    n = lib.llama_token_to_piece(vocab, token, buf, 256, 0, special)
     if n < 0:
         big = ffi.new("char[]", -n)
-        n = lib.llama_token_to_piece(vocab, token, big, -n, 0, False)
+        n = lib.llama_token_to_piece(vocab, token, big, -n, 0, special)
         return ffi.unpack(big, n)
     return ffi.unpack(buf, n)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import _lib, errors
 from ._lib import ffi, lib
-from .context import Completion, Context, Embeddings, SamplingParams, default_threads
+from .context import Completion, Context, Embeddings, SamplingParams, default_threads, piece_bytes
 from .offload import OffloadPlan
 from .errors import (
     ClosedError,
@@ -373,12 +373,7 @@ class Model(_lib.CResource):
         """The bytes one token stands for (may be part of a UTF-8 character)."""
         vocab = self._vocab_ptr()
         self._check_tokens([token])
-        buf = ffi.new("char[]", 64)
-        n = lib.llama_token_to_piece(vocab, token, buf, 64, 0, special)
-        if n < 0:
-            buf = ffi.new("char[]", -n)
-            n = lib.llama_token_to_piece(vocab, token, buf, -n, 0, special)
-        return ffi.unpack(buf, n)
+        return piece_bytes(vocab, token, ffi.new("char[]", 256), special)
 
     def _check_tokens(self, tokens: Sequence[int]) -> List[int]:
         toks = [int(t) for t in tokens]
