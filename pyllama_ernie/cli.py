@@ -352,6 +352,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             template = f.read()
     _check_files(args)
     _safe_output(sys.stdout)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C is how a chat stops an answer and exits; a process started with SIGINT ignored
+        # (a background job of a script) inherits that, and Ctrl-C / kill -INT would do nothing.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads, seed=args.seed,
                progress=_progress_bar("loading"), mmproj_path=args.mmproj, **_device_kwargs(args)) as model:
         if template is None and not model.chat_template:
