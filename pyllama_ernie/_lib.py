@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, Callable, List, Optional, TypeVar, Union
 
 from . import errors
 
@@ -257,10 +257,15 @@ def _load_backend_modules() -> None:
     if not backend_modules():
         return
     lib.ggml_backend_load_all_from_path(os.fsencode(PACKAGE_DIR))
-    names = [c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))) for i in range(lib.ggml_backend_reg_count())]
+    names = backend_names()
     if "CPU" not in names:
         raise ImportError(f"pyllama_ernie could not load its CPU backend module from {PACKAGE_DIR} "
                           f"(loaded: {', '.join(names) or 'none'}); reinstall the package")
+
+
+def backend_names() -> List[str]:
+    """Names of the registered ggml backends, e.g. ``["CPU"]`` or ``["CUDA", "CPU"]``."""
+    return [c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))) for i in range(lib.ggml_backend_reg_count())]
 
 
 def module_load_error(name: str) -> Optional[str]:

@@ -268,9 +268,7 @@ def _machine(n_threads: int) -> Dict[str, Any]:
     info["llama_cpp_commit"] = sysinfo["llama_cpp_commit"]
     info["patches"] = len(sysinfo["patches"])
     info["build"] = sysinfo["build"]
-    from .offload import gpu_devices
-
-    info["gpus"] = [ffi.string(lib.ggml_backend_dev_description(d)).decode("utf-8", "replace") for d in gpu_devices()]
+    info["gpus"] = [d["description"] for d in _gpus()]
     return info
 
 
@@ -393,16 +391,16 @@ def run_bench(
         )
 
 
+def _gpus() -> List[Dict[str, Any]]:
+    """The GPUs this build sees (:func:`pyllama_ernie.system.devices` entries)."""
+    from .system import devices
+
+    return [d for d in devices() if d["type"] in ("gpu", "igpu")]
+
+
 def _gpu_free_bytes() -> int:
     """Free memory summed over the GPUs this build sees (0 without any)."""
-    from .offload import gpu_devices
-
-    total = 0
-    for dev in gpu_devices():
-        free, size = ffi.new("size_t *"), ffi.new("size_t *")
-        lib.ggml_backend_dev_memory(dev, free, size)
-        total += free[0]
-    return total
+    return sum(d["memory_free"] for d in _gpus())
 
 
 def _ttft_prompt(model: Any, image: Any) -> str:

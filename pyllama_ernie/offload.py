@@ -159,9 +159,4 @@ def no_gpu_reason() -> str:
             return f"this build has {name}, but its backend did not load: {err}"
     if built:
         return f"this build has {', '.join(built)}, but no device was found"
-    return f"this build's backends: {', '.join(_backend_names()) or 'none'}"
-
-
-def _backend_names() -> List[str]:
-    return [ffi.string(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))).decode()
-            for i in range(lib.ggml_backend_reg_count())]
+    return f"this build's backends: {', '.join(_lib.backend_names()) or 'none'}"

@@ -20,7 +20,7 @@ _DEV_TYPES = {
 def backends() -> List[str]:
     """Names of the compiled (registered) ggml backends, e.g. ``["CPU"]`` or ``["CUDA", "CPU"]``."""
     _lib.ensure_init()
-    return [c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))) for i in range(lib.ggml_backend_reg_count())]
+    return _lib.backend_names()
 
 
 def devices() -> List[Dict[str, Any]]:
@@ -72,7 +72,7 @@ def system_info() -> Dict[str, Any]:
             "native": bi.GGML_NATIVE,
             "build_type": bi.CMAKE_BUILD_TYPE,
             "compiler": bi.COMPILER,
-            "backend_modules": bool(getattr(bi, "GGML_BACKEND_DL", False)),
+            "backend_modules": _lib.backend_modules(),
         },
         "llama_system_info": raw.strip(),
         "gpu_offload": bool(lib.llama_supports_gpu_offload()),
