@@ -353,9 +353,10 @@ def test_chat_thinking(vl, vl_template_file):
 class _Chat:
     """A chat subprocess with its output read by threads (no blocking reads in the test)."""
 
-    def __init__(self, *args: Any, stdin: Any = subprocess.PIPE) -> None:
+    def __init__(self, *args: Any, stdin: Any = subprocess.PIPE, preexec_fn: Any = None) -> None:
         self.p = subprocess.Popen([sys.executable, "-m", "pyllama_ernie", "chat", *map(str, args)], stdin=stdin,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT)
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT,
+                                  preexec_fn=preexec_fn)
         self.out: queue.Queue[bytes] = queue.Queue()
         self.err: queue.Queue[bytes] = queue.Queue()
         self.stdout, self.stderr = b"", b""
@@ -396,6 +397,25 @@ class _Chat:
         time.sleep(0.1)
         self._drain()
         return code
+
+
+@needs_chat
+def test_chat_ctrl_c_works_when_started_with_sigint_ignored(text_model):
+    """A background job of a script starts with SIGINT ignored; chat claims it back."""
+    ignore = lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)  # noqa: E731
+    c = _Chat(text_model, "--temperature", "0", "-n", "100000", "-c", "16384", preexec_fn=ignore)
+    try:
+        c.send("hello\n")
+        c.wait_for("stdout", "8")
+        c.p.send_signal(signal.SIGINT)
+        c.wait_for("stderr", "(cancelled)")  # during an answer
+        time.sleep(0.2)
+        c.p.send_signal(signal.SIGINT)  # again, at the prompt: exit 130
+        assert c.finish() == 130, c.stderr
+    finally:
+        if c.p.poll() is None:
+            c.p.kill()
+    assert b"Traceback" not in c.stderr
 
 
 @needs_chat
