@@ -240,7 +240,11 @@ PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def backend_modules() -> bool:
-    """Whether this build's backends are modules loaded at run time (GGML_BACKEND_DL, the GPU builds)."""
+    """Whether this build's backends are modules loaded at run time (GGML_BACKEND_DL).
+
+    True for the GPU builds and for x86-64 builds with CPU variants, where ggml loads the
+    best ``libggml-cpu-<variant>.so`` the CPU supports.
+    """
     try:
         from . import _build_info
     except ImportError:  # pragma: no cover - an incomplete install

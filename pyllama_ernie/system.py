@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List, Optional
 
 from . import _lib
 from ._lib import c_str, ffi, lib
 
-__all__ = ["system_info", "backends"]
+__all__ = ["system_info", "backends", "cpu_variant"]
 
 _DEV_TYPES = {
     lib.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu",
@@ -21,6 +22,28 @@ def backends() -> List[str]:
     """Names of the compiled (registered) ggml backends, e.g. ``["CPU"]`` or ``["CUDA", "CPU"]``."""
     _lib.ensure_init()
     return _lib.backend_names()
+
+
+def cpu_variant() -> Optional[str]:
+    """The CPU backend variant this process runs, e.g. ``"zen4"`` (AVX-512 with VNNI and BF16).
+
+    x86-64 builds compile ggml's CPU backend once per instruction-set level and load the
+    best one the CPU supports (``system_info()["build"]["cpu_variants"]`` lists them).
+    None for a build with one CPU backend, or where the loaded module cannot be told
+    (outside Linux).
+    """
+    from . import _build_info as bi
+
+    if not getattr(bi, "GGML_CPU_VARIANTS", None):
+        return None
+    _lib.ensure_init()
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return None
+    found = set(re.findall(r"libggml-cpu-([A-Za-z0-9_.]+)\.so", maps))
+    return found.pop() if len(found) == 1 else None
 
 
 def devices() -> List[Dict[str, Any]]:
@@ -73,7 +96,9 @@ def system_info() -> Dict[str, Any]:
             "build_type": bi.CMAKE_BUILD_TYPE,
             "compiler": bi.COMPILER,
             "backend_modules": _lib.backend_modules(),
+            "cpu_variants": list(getattr(bi, "GGML_CPU_VARIANTS", [])),
         },
+        "cpu_variant": cpu_variant(),
         "llama_system_info": raw.strip(),
         "gpu_offload": bool(lib.llama_supports_gpu_offload()),
         # why a GPU build sees no GPU here (None when it sees one, or is a CPU build)

@@ -334,7 +334,7 @@ def test_system_info():
     assert isinstance(info["patches"], list)
     assert info["cpu_features"]
     if platform.machine() in ("x86_64", "AMD64"):
-        assert "AVX2" in info["cpu_features"]  # the portable x86 build targets AVX2
+        assert "AVX2" in info["cpu_features"]  # these machines get a variant with AVX2 or more
     from pyllama_ernie import _build_info, offload
 
     assert info["build"]["backend_modules"] is _build_info.GGML_BACKEND_DL
@@ -342,6 +342,34 @@ def test_system_info():
         assert info["no_gpu_reason"].startswith("this build has CUDA")
     else:
         assert info["no_gpu_reason"] is None
+
+
+# the instruction sets of the package's x86 CPU variants (CMakeLists.txt), as /proc/cpuinfo names them
+_HASWELL = {"sse4_2", "avx", "f16c", "fma", "avx2", "bmi2"}
+_AVX512 = _HASWELL | {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
+_VARIANT_FLAGS = {
+    "x64": set(), "haswell": _HASWELL, "alderlake": _HASWELL | {"avx_vnni"}, "skylakex": _AVX512,
+    "icelake": _AVX512 | {"avx512vbmi", "avx512_vnni"}, "zen4": _AVX512 | {"avx512vbmi", "avx512_vnni", "avx512_bf16"},
+}
+
+
+def test_loads_the_best_cpu_variant_this_cpu_has():
+    info = pyllama_ernie.system_info()
+    variants = info["build"]["cpu_variants"]
+    if not variants:
+        pytest.skip("a build with one CPU backend")
+    try:
+        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo")
+    assert set(variants) <= set(_VARIANT_FLAGS), variants
+    got = info["cpu_variant"]
+    supported = [v for v in variants if _VARIANT_FLAGS[v] <= flags]
+    assert got in supported, (got, supported)
+    assert not [v for v in supported if _VARIANT_FLAGS[v] > _VARIANT_FLAGS[got]]
+    assert info["build"]["backend_modules"]
+    if got in ("skylakex", "icelake", "zen4"):
+        assert "AVX512" in info["cpu_features"]
 
 
 def test_ignore_eos_never_ends_early(exact):
