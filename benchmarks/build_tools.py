@@ -6,7 +6,8 @@ For each tree, ``scripts/vendor.py`` fills ``DIR/src-<which>`` from the pinned
 sdist ("patched": with patches/series applied, the tree the package builds;
 "unpatched": upstream's) and skips the refill when its stamp is current. The
 tree is configured in ``DIR/build-<which>`` with the wheel's ggml options
-(Release, GGML_NATIVE=OFF, plus whatever the CMAKE_ARGS environment variable
+(Release, GGML_NATIVE=OFF, the instruction sets of the CPU variant the installed
+package loads on this machine, plus whatever the CMAKE_ARGS environment variable
 says, e.g. CMAKE_ARGS="-DGGML_NATIVE=ON" or "-DGGML_CUDA=ON"), static
 libraries, and only llama-common and the tools (no server, web UI, examples,
 tests, curl or OpenSSL); then only the two targets are built. The build
@@ -57,8 +58,54 @@ def _tool(name: str) -> str:
     return found
 
 
-def cmake_args(which: str) -> list[str]:
-    """The configure options: the wheel's ggml settings, tools on, everything else off, then CMAKE_ARGS."""
+# ggml's x86 CPU variants (ggml/src/CMakeLists.txt) and their instruction sets. The
+# package loads the best variant the CPU supports; the tools are static, so they are
+# compiled for that same variant.
+X86_FEATURES = ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2", "AVX_VNNI",
+                "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AMX_TILE", "AMX_INT8")
+_HASWELL = ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2")
+CPU_VARIANT_FEATURES = {
+    "x64": (),
+    "sse42": ("SSE42",),
+    "sandybridge": ("SSE42", "AVX"),
+    "ivybridge": ("SSE42", "AVX", "F16C"),
+    "piledriver": ("SSE42", "AVX", "F16C", "FMA"),
+    "haswell": _HASWELL,
+    "skylakex": _HASWELL + ("AVX512",),
+    "cannonlake": _HASWELL + ("AVX512", "AVX512_VBMI"),
+    "cascadelake": _HASWELL + ("AVX512", "AVX512_VNNI"),
+    "icelake": _HASWELL + ("AVX512", "AVX512_VBMI", "AVX512_VNNI"),
+    "cooperlake": _HASWELL + ("AVX512", "AVX512_VNNI", "AVX512_BF16"),
+    "zen4": _HASWELL + ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"),
+    "alderlake": _HASWELL + ("AVX_VNNI",),
+    "sapphirerapids": _HASWELL + ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AMX_TILE", "AMX_INT8"),
+}
+
+
+def package_cpu_variant() -> str | None:
+    """The CPU variant the installed package loads on this machine (None: one CPU backend)."""
+    try:
+        from pyllama_ernie.system import cpu_variant
+    except ImportError:
+        return None
+    return cpu_variant()
+
+
+def variant_args(variant: str | None) -> list[str]:
+    """ggml options compiling one static CPU backend like the package's ``variant`` module."""
+    if variant is None:
+        return []
+    if variant not in CPU_VARIANT_FEATURES:
+        raise SystemExit(f"error: unknown CPU variant {variant!r}; add it to CPU_VARIANT_FEATURES")
+    on = CPU_VARIANT_FEATURES[variant]
+    return [f"-DGGML_{f}={'ON' if f in on else 'OFF'}" for f in X86_FEATURES]
+
+
+def cmake_args(which: str, variant: str | None = None) -> list[str]:
+    """The configure options: the wheel's ggml settings, tools on, everything else off, then CMAKE_ARGS.
+
+    ``variant``: compile the CPU backend for this ggml CPU variant (see ``package_cpu_variant``).
+    """
     commit = vendor.BASE_COMMIT[:7] + ("-patched" if which == "patched" else "")
     args = [
         "-G", "Ninja",
@@ -81,7 +128,7 @@ def cmake_args(which: str) -> list[str]:
         # the tree is no git checkout; llama-bench reports this as build_commit
         f"-DLLAMA_BUILD_COMMIT={commit}",
     ]
-    return args + shlex.split(os.environ.get("CMAKE_ARGS", ""))
+    return args + variant_args(variant) + shlex.split(os.environ.get("CMAKE_ARGS", ""))
 
 
 def _run(cmd: list[str], env: dict | None = None) -> None:
@@ -128,7 +175,7 @@ def build_one(work: Path, which: str, jobs: int = 2) -> dict[str, Path]:
     # commit as ggml's.
     env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(work))
 
-    args = cmake_args(which)
+    args = cmake_args(which, package_cpu_variant())
     sources = source_hashes(src)
     stamp = build / CONFIG_STAMP
     try:

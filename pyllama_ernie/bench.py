@@ -229,7 +229,8 @@ class BenchResult:
         """A readable table: median (min..max) over the repetitions."""
         lines = [
             f"model            {self.model}",
-            f"threads          {self.n_threads}    repetitions {self.repetitions}",
+            f"threads          {self.n_threads}    repetitions {self.repetitions}"
+            + (f"    CPU variant {self.machine['cpu_variant']}" if self.machine.get("cpu_variant") else ""),
             f"pp{self.n_prompt:<14d} {self.pp} tok/s",
             f"tg{self.n_gen:<14d} {self.tg} tok/s",
             f"host per token   {self.host_us_per_token} us  (wall time minus llama.cpp's decode timer)",
@@ -265,6 +266,7 @@ def _machine(n_threads: int) -> Dict[str, Any]:
         info["cpu"] = platform.processor()
     sysinfo = system_info()
     info["cpu_features"] = " ".join(sysinfo["cpu_features"])
+    info["cpu_variant"] = sysinfo["cpu_variant"]
     info["llama_cpp_commit"] = sysinfo["llama_cpp_commit"]
     info["patches"] = len(sysinfo["patches"])
     info["build"] = sysinfo["build"]

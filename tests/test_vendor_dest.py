@@ -160,3 +160,25 @@ def test_build_tools_touches_only_files_whose_content_changed(tmp_path):
     assert sorted(changed) == ["src/new.cpp", "src/patched.cpp"]
     assert (tree / "src" / "same.cpp").stat().st_mtime == 1_000_000
     assert (tree / "src" / "patched.cpp").stat().st_mtime > 1_000_000
+
+
+def test_build_tools_compiles_the_package_cpu_variant():
+    """Static tools get the instruction sets of the variant the package loads, as ggml's CMake lists them."""
+    import re
+
+    bt = _load("build_tools_script", ROOT / "benchmarks" / "build_tools.py")
+    text = (ROOT / "vendor" / "llama.cpp" / "ggml" / "src" / "CMakeLists.txt").read_text()
+    x86 = text[text.index('if (GGML_SYSTEM_ARCH STREQUAL "x86")', text.index("if (GGML_CPU_ALL_VARIANTS)")):]
+    x86 = x86[:x86.index("elseif")]
+    ggml = {m.group(1): tuple(m.group(2).split()) for m in re.finditer(r"ggml_add_cpu_backend_variant\((\w+)([^)]*)\)", x86)}
+    assert ggml == {k: tuple(v) for k, v in bt.CPU_VARIANT_FEATURES.items()}
+
+    args = bt.cmake_args("patched", "zen4")
+    for feat in ("AVX2", "AVX512", "AVX512_VNNI", "AVX512_BF16"):
+        assert f"-DGGML_{feat}=ON" in args
+    for feat in ("AMX_TILE", "AMX_INT8", "AVX_VNNI"):
+        assert f"-DGGML_{feat}=OFF" in args
+    assert all(a.endswith("=OFF") for a in bt.variant_args("x64"))
+    assert bt.variant_args(None) == []
+    with pytest.raises(SystemExit):
+        bt.variant_args("pentium")
