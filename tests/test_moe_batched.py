@@ -39,6 +39,9 @@ def _gguf(kind: str, name: str, qtype: str, gguf_model, vl_gguf, tmp_path):
     ("moe", "moe_odd", "F16"),  # expert width 40: not a multiple of every SIMD width
     ("vl", "vl_a", "F16"),
     ("vl", "vl_a", "Q8_0"),
+    # repacked weights (patch 0010: gemm on the routed rows 4 at a time)
+    ("moe", "moe_a", "Q4_0"),
+    ("vl", "vl_a", "Q4_K_M"),  # hidden 256: the gate and up experts are Q4_K
 ])
 def test_batched_prompt_matches_one_token_ubatches(kind, name, qtype, gguf_model, vl_gguf, tmp_path):
     path = _gguf(kind, name, qtype, gguf_model, vl_gguf, tmp_path)
