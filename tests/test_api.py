@@ -359,7 +359,8 @@ def test_loads_the_best_cpu_variant_this_cpu_has():
     if not variants:
         pytest.skip("a build with one CPU backend")
     try:
-        flags = set(next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split(":")[1].split())
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(ln for ln in f if ln.startswith("flags")).split(":")[1].split())
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo")
     assert set(variants) <= set(_VARIANT_FLAGS), variants

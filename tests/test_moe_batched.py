@@ -1,9 +1,10 @@
 """Batched expert matmuls against one token per ubatch.
 
 With several tokens in a ubatch, an expert that several of them route to is computed
-as one matrix product (patch 0007: ``MUL_MAT_ID`` experts through ``llamafile_sgemm``,
-with the routed rows gathered per expert and the products scattered back). With one
-token per ubatch every expert sees one row and ggml's row-by-row dot products run.
+as one matrix product, with the routed rows gathered per expert and the products
+scattered back: patch 0007 (``MUL_MAT_ID`` through ``llamafile_sgemm``) and, for
+repacked weights, patch 0010 (``gemm`` on 4 rows at a time). With one token per
+ubatch every expert sees one row and ggml's row-by-row kernels run.
 Both see the same weights and the same converted activations, so the logits may differ
 only by the order of the sums.
 """
