@@ -7,7 +7,8 @@ For each of the two models it writes, under ``--out`` (default ``benchmarks/mode
 * ``ernie-vl-bench/``: a transformers ``ernie4_5_vl_moe`` checkpoint (``save_pretrained``,
   bfloat16, with the tokenizer files), ``ernie-vl-bench-F16.gguf`` (converted by
   ``pyllama_ernie.convert``), ``mmproj-ernie-vl-bench-F16.gguf`` (its vision tower and
-  resampler) and ``ernie-vl-bench-Q8_0.gguf`` / ``-Q4_K_M.gguf`` (``pyllama_ernie.quantize``);
+  resampler; ``-Q8_0.gguf`` too when Q8_0 is among the types) and ``ernie-vl-bench-Q8_0.gguf`` /
+  ``-Q4_K_M.gguf`` (``pyllama_ernie.quantize``);
 * ``ernie-moe-bench/``: the same text shapes as a text-only ``ernie4_5_moe`` checkpoint, and
   ``ernie-moe-bench-F16.gguf`` / ``-Q8_0.gguf`` / ``-Q4_K_M.gguf``.
 
@@ -261,6 +262,14 @@ def make_models(out_dir: str | os.PathLike[str] = ROOT / "benchmarks" / "models"
                 paths[q] = ggufs[q]
             if kind == "vl":
                 paths["mmproj"] = mm
+                if "Q8_0" in qtypes:
+                    # the projector at Q8_0 too: the image encode "at Q8_0" that the VL Q8_0 row reports
+                    mm8 = out / f"mmproj-{name}-Q8_0.gguf"
+                    if force or rebuilt or not mm8.exists():
+                        t0 = time.perf_counter()
+                        convert_mmproj(hf, mm8, "q8_0")
+                        log(f"converted {mm8} in {time.perf_counter() - t0:.1f} s")
+                    paths["mmproj_Q8_0"] = mm8
             result[kind] = paths
     return result
 

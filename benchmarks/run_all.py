@@ -5,7 +5,7 @@
 
 Steps (each skipped when its output exists):
 1. ``benchmarks/make_models.py``: the bench-shape ERNIE-4.5-VL and ERNIE-4.5 MoE models
-   (random weights) in every type, plus the VL model's mmproj;
+   (random weights) in every type, plus the VL model's mmproj (F16, and Q8_0 for the Q8_0 row);
 2. ``benchmarks/build_tools.py``: ``llama-bench`` and ``llama-completion`` built from the
    patched tree the package uses and from the unpatched upstream tree, with the wheel's
    ggml options.
@@ -197,10 +197,16 @@ def write_report(R: Dict[str, Any], path: Path) -> str:
                      f"| {_f(v.get('image_896'))} |")
         bf = tf.get("bfloat16")
         q8 = R["types"].get("Q8_0", {}).get("vl")
+        f16 = R["types"].get("F16", {}).get("vl", {})
         if bf and q8:
+            images = ""
+            if q8.get("image_448"):
+                images = (f", image encode (448x448) {bf['image_448_ms'] / q8['image_448']:.2f}x with the "
+                          f"{q8.get('mmproj_type', 'F16')} mmproj")
+                if f16.get("image_448") and q8.get("mmproj_type") != "F16":
+                    images += f" ({bf['image_448_ms'] / f16['image_448']:.2f}x with the F16 mmproj, F16 row)"
             L += ["", f"At Q8_0 against transformers bfloat16: generation {q8['ours_tg'] / bf['tg128_tok_s']:.2f}x, "
-                  f"prompt processing {q8['ours_pp'] / bf['pp512_tok_s']:.2f}x, image encode (448x448) "
-                  f"{bf['image_448_ms'] / q8['image_448']:.2f}x (F16 mmproj)." if q8.get("image_448") else ""]
+                  f"prompt processing {q8['ours_pp'] / bf['pp512_tok_s']:.2f}x{images}."]
         L.append("")
 
     L += ["## Against the memory bus (generation)", "",
@@ -217,12 +223,13 @@ def write_report(R: Dict[str, Any], path: Path) -> str:
           "unless tied, no vision experts); bandwidth: `pyllama_ernie.bench.BandwidthProbe` with the same "
           "threads, probed before each generation repetition.", ""]
 
-    L += ["## Images and memory (ours)", "", "| type | image 448x448 ms | image 896x896 ms | TTFT image+question ms "
-          "| peak RSS MiB (VL + mmproj) | peak RSS MiB (MoE) |", "|---|---|---|---|---|---|"]
+    L += ["## Images and memory (ours)", "", "| type | mmproj | image 448x448 ms | image 896x896 ms "
+          "| TTFT image+question ms | peak RSS MiB (VL + mmproj) | peak RSS MiB (MoE) |",
+          "|---|---|---|---|---|---|---|"]
     for q, row in R["types"].items():
         v, e = row["vl"], row["moe"]
-        L.append(f"| {q} | {_f(v.get('image_448'))} | {_f(v.get('image_896'))} | {_f(v.get('ttft'))} "
-                 f"| {_f(v.get('rss'), 0)} | {_f(e.get('rss'), 0)} |")
+        L.append(f"| {q} | {v.get('mmproj_type', 'F16')} | {_f(v.get('image_448'))} | {_f(v.get('image_896'))} "
+                 f"| {_f(v.get('ttft'))} | {_f(v.get('rss'), 0)} | {_f(e.get('rss'), 0)} |")
     L.append("")
     extra = R.get("notes")
     if extra:
@@ -261,14 +268,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     comp = tools["patched"]["llama-completion"]
     th, reps = args.threads, args.repetitions
     vl, moe = models["vl"], models["moe"]
-    mmproj = Path(vl["mmproj"])
+    # each VL file encodes images with the projector at its own type where there is one (Q8_0), else F16
+    mmproj = {q: Path(vl.get(f"mmproj_{q}", vl["mmproj"])) for q in types}
 
     raw: Dict[str, Any] = {q: {"ours_vl": [], "ours_moe": [], "lb_vl": [], "lb_moe": [], "lbu_moe": [],
                                "comp_vl": [], "comp_moe": []} for q in types}
     for rnd in range(args.rounds):
         for q in types:
             log(f"round {rnd + 1}/{args.rounds} {q}: ours VL")
-            raw[q]["ours_vl"].append(ours(Path(vl[q]), th, reps, mmproj))
+            raw[q]["ours_vl"].append(ours(Path(vl[q]), th, reps, mmproj[q]))
             log(f"round {rnd + 1}/{args.rounds} {q}: llama-bench VL")
             raw[q]["lb_vl"].append(llama_bench(lb_p, Path(vl[q]), th, reps))
             log(f"round {rnd + 1}/{args.rounds} {q}: llama-completion VL")
@@ -318,6 +326,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if len(ims) > 1:
                     k["image_896"] = statistics.median(v for x in runs for v in x["image_ms"][ims[1]]["values"])
                 k["ttft"] = statistics.median(v for x in runs for v in x["ttft_ms"]["values"])
+                k["mmproj_type"] = "Q8_0" if mmproj[q].name.endswith("-Q8_0.gguf") else "F16"
             row[kind] = k
         p_pp = [statistics.median(x["pp"]) for x in r["lb_moe"]]
         p_tg = [statistics.median(x["tg"]) for x in r["lb_moe"]]

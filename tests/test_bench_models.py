@@ -58,7 +58,7 @@ def _types(r: gguf.GGUFReader) -> dict[str, Q]:
 
 def test_paths(tiny):
     assert set(tiny) == {"vl", "moe"}
-    assert set(tiny["vl"]) == {"hf", "F16", "Q8_0", "Q4_K_M", "mmproj"}
+    assert set(tiny["vl"]) == {"hf", "F16", "Q8_0", "Q4_K_M", "mmproj", "mmproj_Q8_0"}
     assert set(tiny["moe"]) == {"hf", "F16", "Q8_0", "Q4_K_M"}
     for paths in tiny.values():
         assert (paths["hf"] / "config.json").is_file()
@@ -111,9 +111,11 @@ def test_gguf_metadata(tiny, kind, qtype):
         assert Q.F16 not in types
 
 
-def test_mmproj(tiny):
+@pytest.mark.parametrize("key, weight_type", [("mmproj", Q.F16), ("mmproj_Q8_0", Q.Q8_0)])
+def test_mmproj(tiny, key, weight_type):
     v = make_models_mod.TINY["vision"]
-    r = gguf.GGUFReader(tiny["vl"]["mmproj"])
+    r = gguf.GGUFReader(tiny["vl"][key])
+    assert _types(r)["v.blk.0.attn_qkv.weight"] == weight_type
     assert _field(r, "general.architecture") == "clip"
     assert _field(r, "clip.projector_type") == "ernie4_5vl"
     assert _field(r, "clip.vision.block_count") == v["depth"]
