@@ -224,3 +224,23 @@ def test_host_time_measure(tiny):
     assert s["ours_minus_raw_us"] == pytest.approx(med["ours"] - med["raw"])
     assert s["ours_vs_decode_only"] == pytest.approx(med["decode-only"] / med["ours"])
     assert "ours - raw" in host_time.format(res)
+
+
+def test_dual_experts_measure(tiny):
+    """dual_experts.measure: one pp and one tg figure per pair and file; the summary's ratios are
+    the per-pair quotients, so a pair's slow phase cancels out."""
+    import statistics
+
+    dual = _load("dual_experts")
+    res = dual.measure(str(tiny["vl"]["Q8_0"]), str(tiny["moe"]["Q8_0"]), threads=1, pairs=3, n_prompt=32, n_gen=8)
+    assert list(res) == ["vl", "moe"]
+    for r in res.values():
+        assert len(r["pp"]) == len(r["tg"]) == 3
+        assert all(x > 0 and math.isfinite(x) for x in r["pp"] + r["tg"])
+    s = dual.summary(res)
+    for key in ("pp", "tg"):
+        ratios = [a / b for a, b in zip(res["vl"][key], res["moe"][key])]
+        assert s[key]["ratio"] == pytest.approx(statistics.median(ratios))
+        assert s[key]["ratio_min"] <= s[key]["ratio"] <= s[key]["ratio_max"]
+        assert s[key]["vl"] == pytest.approx(statistics.median(res["vl"][key]))
+    assert "VL/MoE per pair" in dual.format(res)
