@@ -270,6 +270,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     vl, moe = models["vl"], models["moe"]
     # each VL file encodes images with the projector at its own type where there is one (Q8_0), else F16
     mmproj = {q: Path(vl.get(f"mmproj_{q}", vl["mmproj"])) for q in types}
+    mmproj_type = {q: q if f"mmproj_{q}" in vl else "F16" for q in types}
 
     raw: Dict[str, Any] = {q: {"ours_vl": [], "ours_moe": [], "lb_vl": [], "lb_moe": [], "lbu_moe": [],
                                "comp_vl": [], "comp_moe": []} for q in types}
@@ -326,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if len(ims) > 1:
                     k["image_896"] = statistics.median(v for x in runs for v in x["image_ms"][ims[1]]["values"])
                 k["ttft"] = statistics.median(v for x in runs for v in x["ttft_ms"]["values"])
-                k["mmproj_type"] = "Q8_0" if mmproj[q].name.endswith("-Q8_0.gguf") else "F16"
+                k["mmproj_type"] = mmproj_type[q]
             row[kind] = k
         p_pp = [statistics.median(x["pp"]) for x in r["lb_moe"]]
         p_tg = [statistics.median(x["tg"]) for x in r["lb_moe"]]
