@@ -18,19 +18,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {
     "Model": "model",
     "Context": "context",
-    "Completion": "context",
-    "Embeddings": "context",
-    "Timings": "context",
-    "SamplingParams": "context",
-    "Features": "vision",
-    "IMAGE_MARKER": "multimodal",
-    "VIDEO_MARKER": "multimodal",
+    "Completion": "values",
+    "Embeddings": "values",
+    "Timings": "values",
+    "SamplingParams": "values",
+    "ContextParams": "values",
+    "Features": "values",
+    "Media": "values",
+    "IMAGE_MARKER": "values",
+    "VIDEO_MARKER": "values",
     "system_info": "system",
     "set_log_level": "_lib",
     "ErnieError": "errors",
@@ -65,10 +67,10 @@ def __dir__() -> list:
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._lib import set_log_level
-    from .context import Completion, Context, Embeddings, SamplingParams, Timings
+    from .context import Context
     from .errors import (BusyError, ClosedError, ContextError, DecodeError, EncodeError, ErnieError, ImageError,
                          InvalidModelFileError, ModelLoadError, PromptTooLongError, QuantizeError, TokenizeError)
     from .model import Model
-    from .multimodal import IMAGE_MARKER, VIDEO_MARKER
     from .system import system_info
-    from .vision import Features
+    from .values import (IMAGE_MARKER, VIDEO_MARKER, Completion, ContextParams, Embeddings, Features, Media,
+                         SamplingParams, Timings)

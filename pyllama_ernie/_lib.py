@@ -24,7 +24,7 @@ except ImportError as e:  # pragma: no cover - depends on how the package was in
     ) from e
 
 __all__ = ["ffi", "lib", "logger", "set_log_level", "ensure_init", "ProgressHandle", "NodeObserver",
-           "abort_flag_callback", "CResource", "live_handles"]
+           "abort_flag_callback", "CResource", "live_handles", "ModelHandle", "default_threads"]
 
 logger = logging.getLogger("pyllama_ernie")
 if logger.level == logging.NOTSET:
@@ -110,18 +110,20 @@ class CResource:
     """
 
     _tracked = False
+    #: the name :func:`live_handles` counts this type under (default: the class name)
+    _live_name: Optional[str] = None
 
     def _track(self) -> None:
         with _live_lock:
             if not self._tracked:
-                name = type(self).__name__
+                name = self._live_name or type(self).__name__
                 _live[name] = _live.get(name, 0) + 1
                 self._tracked = True
 
     def _untrack(self) -> None:
         with _live_lock:
             if self._tracked:
-                name = type(self).__name__
+                name = self._live_name or type(self).__name__
                 _live[name] = _live.get(name, 0) - 1
                 self._tracked = False
 
@@ -139,6 +141,111 @@ class CResource:
             self.close()
         except Exception:
             pass
+
+
+class ModelHandle(CResource):
+    """Owns one ``llama_model*``: loads it, lends it, frees it after the last borrower.
+
+    Contexts and the vision projector borrow the pointer with :meth:`acquire`
+    and give it back with :meth:`release` when they free their own C object;
+    :meth:`close` refuses new borrowers and frees the model as soon as none is
+    left (at once, or when the last one releases). Whoever needs the pointer
+    for a moment (metadata, the vocabulary) reads :attr:`ptr`, which raises
+    :class:`~pyllama_ernie.errors.ClosedError` once close has begun.
+    """
+
+    _live_name = "Model"  # what users open and close; live_handles() counts it as such
+
+    def __init__(self, path: str, params: Any, progress: Optional[Callable[[float], Optional[bool]]] = None) -> None:
+        self._ptr = None
+        self._lock = threading.Lock()
+        self._borrowers = 0
+        self._closing = False
+        self.path = path
+        ph = None
+        if progress is not None:
+            ph = ProgressHandle(progress)
+            params.progress_callback = lib._pyllama_ernie_progress
+            params.progress_callback_user_data = ph.handle
+        errors.clear_log_line()
+        ptr = lib.llama_model_load_from_file(os.fsencode(path), params)
+        if ptr == ffi.NULL:
+            if ph is not None:
+                ph.reraise()
+                if ph.cancelled:
+                    raise errors.ModelLoadError(f"loading {path} was cancelled by the progress callback",
+                                                llama_log="")
+            errors.raise_error(errors.ModelLoadError, f"loading {path}")
+        self._ptr = ptr
+        self._track()
+        #: the width of the model's input embeddings
+        self.n_embd = int(lib.llama_model_n_embd(ptr))
+        #: rope position rows per input embedding (4 for M-RoPE models such as ERNIE-4.5-VL)
+        self.n_pos_per_embd = 4 if lib.llama_model_rope_type(ptr) in (lib.LLAMA_ROPE_TYPE_MROPE,
+                                                                       lib.LLAMA_ROPE_TYPE_IMROPE) else 1
+
+    @property
+    def closed(self) -> bool:
+        """Whether close has begun (borrowers may still be finishing)."""
+        return self._closing or self._ptr is None
+
+    @property
+    def ptr(self) -> Any:
+        """The ``llama_model*`` for a short use; ClosedError once close has begun."""
+        ptr = self._ptr
+        if self._closing or ptr is None:
+            raise errors.ClosedError("the model is closed")
+        return ptr
+
+    def acquire(self) -> Any:
+        """Borrow the pointer until :meth:`release`; ClosedError once close has begun."""
+        with self._lock:
+            if self._closing or self._ptr is None:
+                raise errors.ClosedError("the model is closed")
+            self._borrowers += 1
+            return self._ptr
+
+    def release(self) -> None:
+        """Give back a pointer from :meth:`acquire` (its borrower freed what it built on it)."""
+        with self._lock:
+            self._borrowers -= 1
+        self._free_if_unused()
+
+    def close(self) -> None:
+        """Refuse new borrowers; free the model now, or when the last borrower releases it."""
+        with self._lock:
+            self._closing = True
+        self._free_if_unused()
+
+    def _free_if_unused(self) -> None:
+        with self._lock:
+            if self._closing and self._borrowers == 0 and self._ptr is not None:
+                lib.llama_model_free(self._ptr)
+                self._ptr = None
+                self._untrack()
+
+
+def default_threads() -> int:
+    """Physical cores available to this process (llama.cpp's own default is similar)."""
+    try:
+        n_avail = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n_avail = os.cpu_count() or 1
+    cores = set()
+    try:
+        phys = core = None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                elif not line.strip() and core is not None:
+                    cores.add((phys, core))
+                    phys = core = None
+    except OSError:
+        pass
+    return max(1, min(n_avail, len(cores) or n_avail))
 
 
 class ProgressHandle:

@@ -294,7 +294,7 @@ def run_bench(
     Other keyword arguments go to :class:`Model` (``n_gpu_layers``, ``flash_attn``,
     ``cpu_moe``, ...).
     """
-    from .context import default_threads
+    from ._lib import default_threads
     from .model import Model
 
     if repetitions < 1:
@@ -407,7 +407,7 @@ def _gpu_free_bytes() -> int:
 
 def _ttft_prompt(model: Any, image: Any) -> str:
     """The chat prompt of one image and :data:`TTFT_QUESTION` (a plain prompt without a template)."""
-    from .multimodal import IMAGE_MARKER
+    from .values import IMAGE_MARKER
 
     messages = [{"role": "user", "content": [{"type": "image", "image": image},
                                              {"type": "text", "text": TTFT_QUESTION}]}]

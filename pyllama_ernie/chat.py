@@ -1,4 +1,6 @@
-"""OpenAI-style chat on top of :class:`~pyllama_ernie.Model`: messages, the GGUF's chat template, thinking.
+"""OpenAI-style chat: messages, the GGUF's chat template, thinking, and the OpenAI result shapes.
+
+:class:`~pyllama_ernie.Model` uses these; nothing here touches a model.
 
 * The chat template stored in the GGUF is rendered with jinja2 in an immutable
   sandbox, with the globals transformers gives templates (``raise_exception``,
@@ -35,9 +37,10 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .multimodal import IMAGE_MARKER, VIDEO_MARKER
+from .errors import ImageError
+from .values import IMAGE_MARKER, VIDEO_MARKER, Completion
 
-__all__ = ["render_template", "prepare_chat", "ThinkSplitter", "MAX_REMOTE_BYTES"]
+__all__ = ["render_template", "prepare_chat", "ThinkSplitter", "MAX_REMOTE_BYTES", "completion", "chunks"]
 
 #: the most bytes read from one remote image (``allow_remote=True``)
 MAX_REMOTE_BYTES = 50 * 1024 * 1024
@@ -121,8 +124,6 @@ def render_template(template: str, messages: Sequence[Dict[str, Any]], *, add_ge
 
 def _image_from_url(url: str, allow_remote: bool) -> Any:
     """An ``image_url`` URL -> something :func:`pyllama_ernie.images.load_image` takes."""
-    from .errors import ImageError
-
     if url.startswith("data:"):
         head, _, data = url.partition(",")
         if ";base64" not in head:
@@ -307,8 +308,6 @@ def now() -> int:
 
 def chunks(model_name: str, pieces: Iterator[Any], thinking: bool) -> Iterator[Dict[str, Any]]:
     """OpenAI ``chat.completion.chunk`` dicts for a stream of pieces ending with a Completion."""
-    from .context import Completion
-
     cid, created = completion_id(), now()
 
     def chunk(delta: Dict[str, Any], finish: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
@@ -329,6 +328,18 @@ def chunks(model_name: str, pieces: Iterator[Any], thinking: bool) -> Iterator[D
             yield chunk({field: text})
 
 
+def completion(model_name: str, result: Completion, thinking: bool) -> Dict[str, Any]:
+    """The OpenAI ``chat.completion`` dict for a whole answer."""
+    return {
+        "id": completion_id(),
+        "object": "chat.completion",
+        "created": now(),
+        "model": model_name,
+        "choices": [{"index": 0, "message": message(result.text, thinking), "finish_reason": result.finish_reason}],
+        "usage": usage(result),
+    }
+
+
 def message(text: str, thinking: bool) -> Dict[str, Any]:
     """The assistant message for a whole answer (reasoning split off)."""
     split = ThinkSplitter(thinking)
@@ -341,7 +352,7 @@ def message(text: str, thinking: bool) -> Dict[str, Any]:
     return msg
 
 
-def usage(c: Any) -> Dict[str, Any]:
+def usage(c: Completion) -> Dict[str, Any]:
     """OpenAI usage for a Completion, with our cache counters."""
     return {
         "prompt_tokens": c.prompt_tokens,

@@ -18,174 +18,24 @@ paused at a ``yield`` is not waited for. The interrupted call ends cleanly (see
 from __future__ import annotations
 
 import codecs
-import hashlib
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _lib, errors
-from ._lib import abort_flag_callback, ffi, lib
+from ._lib import ModelHandle, abort_flag_callback, default_threads, ffi, lib
 from .errors import BusyError, ClosedError, ContextError, DecodeError, PromptTooLongError
+from .values import Completion, ContextParams, Embeddings, SamplingParams, Timings
+from .vocab import Vocab, piece_bytes
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import Model
-
+# Completion, Embeddings, SamplingParams and Timings are defined in .values; these names stay
+# importable from here as before.
 __all__ = ["Context", "Completion", "Embeddings", "Timings", "SamplingParams", "default_threads"]
 
 _KV_TYPES = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16, "bf16": lib.GGML_TYPE_BF16, "q8_0": lib.GGML_TYPE_Q8_0}
-
-
-def default_threads() -> int:
-    """Physical cores available to this process (llama.cpp's own default is similar)."""
-    try:
-        n_avail = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        n_avail = os.cpu_count() or 1
-    cores = set()
-    try:
-        phys = core = None
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("physical id"):
-                    phys = line.split(":")[1].strip()
-                elif line.startswith("core id"):
-                    core = line.split(":")[1].strip()
-                elif not line.strip() and core is not None:
-                    cores.add((phys, core))
-                    phys = core = None
-    except OSError:
-        pass
-    return max(1, min(n_avail, len(cores) or n_avail))
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Wall-clock timings of one call, in milliseconds."""
-
-    prompt_ms: float
-    generation_ms: float
-    prompt_tokens: int
-    generated_tokens: int
-
-    @property
-    def prompt_tokens_per_second(self) -> float:
-        return self.prompt_tokens / (self.prompt_ms / 1e3) if self.prompt_ms > 0 else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / (self.generation_ms / 1e3) if self.generation_ms > 0 else 0.0
-
-
-@dataclass
-class Completion:
-    """The result of :meth:`Model.generate`."""
-
-    text: str
-    tokens: List[int]
-    #: "stop" (end-of-generation token or stop string), "length" or "cancelled"
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    #: prompt tokens actually evaluated (the rest came from the KV cache)
-    prompt_tokens_evaluated: int
-    timings: Timings
-    #: the stop string that ended generation, if any
-    stop: Optional[str] = field(default=None)
-    #: images and videos run through the vision encoder for this call (the rest came from the cache)
-    images_encoded: int = 0
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Sampling settings. ``temperature <= 0`` means greedy (argmax)."""
-
-    temperature: float = 0.8
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
-    seed: Optional[int] = None
-
-    def validate(self) -> None:
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0 (0 disables it)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError("top_p must be in (0, 1]")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError("min_p must be in [0, 1]")
-        if self.repeat_penalty <= 0:
-            raise ValueError("repeat_penalty must be > 0 (1.0 disables it)")
-        if self.seed is not None and not 0 <= self.seed < 2**32 - 1:
-            raise ValueError("seed must be in [0, 2**32 - 2]")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0 and self.repeat_penalty == 1.0
-
-
-class Embeddings:
-    """Input embedding rows with their rope positions, to evaluate in place of tokens.
-
-    Args:
-        data: ``(n, n_embd)`` float32 rows, one per position.
-        positions: ``(n,)`` positions, or ``(k, n)`` rows of positions for
-            multi-axis rope (for ERNIE-4.5-VL: rows ``t, h, w``, see
-            :func:`pyllama_ernie.mrope.image_positions`).
-        next_pos: the position of whatever follows (default: ``max(t) + 1``).
-
-    For ERNIE-4.5-VL an embedding batch goes through the vision experts: pass
-    image features (with the image start/end token rows around them) this way.
-    """
-
-    __slots__ = ("data", "positions", "next_pos", "key", "n")
-
-    def __init__(self, data: Any, positions: Any, next_pos: Optional[int] = None) -> None:
-        arr = np.ascontiguousarray(data, dtype=np.float32)
-        if arr.ndim != 2 or arr.shape[0] == 0:
-            raise ValueError("embeddings must be a non-empty 2-D array (n_positions, n_embd)")
-        pos = np.asarray(positions)
-        if pos.ndim == 1:
-            pos = pos[None, :]
-        if pos.ndim != 2 or pos.shape[1] != arr.shape[0] or pos.shape[0] not in (1, 3, 4):
-            raise ValueError(f"positions must have shape (n,), (3, n) or (4, n) with n = {arr.shape[0]}")
-        if not np.issubdtype(pos.dtype, np.integer) or (pos < 0).any() or (pos >= 2**31 - 1).any():
-            raise ValueError("positions must be non-negative integers")
-        pos = np.ascontiguousarray(pos, dtype=np.int32)
-        if not np.isfinite(arr).all():
-            raise ValueError("embeddings contain NaN or infinity")
-        self.data = arr
-        self.positions = pos
-        self.n = arr.shape[0]
-        self.next_pos = int(pos[0].max()) + 1 if next_pos is None else int(next_pos)
-        if self.next_pos <= int(pos[0].max()):
-            raise ValueError("next_pos must come after every position of the embeddings")
-        h = hashlib.blake2b(arr.tobytes(), digest_size=16)
-        h.update(pos.tobytes())
-        h.update(self.next_pos.to_bytes(8, "little"))
-        self.key = h.digest()
-
-    def positions_for(self, n_rows: int) -> np.ndarray:
-        """Positions as ``n_rows`` rows (1 for plain rope, 4 for M-RoPE: t, h, w, 0)."""
-        have = self.positions.shape[0]
-        if have == n_rows:
-            return self.positions
-        if n_rows == 1:
-            return self.positions[:1]
-        out = np.zeros((n_rows, self.n), dtype=np.int32)
-        # one row (text-like): t = h = w; more rows: t, h, w as given; the 4th row stays 0
-        out[:3] = self.positions[0] if have == 1 else self.positions[:3]
-        return out
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __repr__(self) -> str:
-        return f"<Embeddings n={self.n} width={self.data.shape[1]} next_pos={self.next_pos}>"
 
 
 class _Sampler(_lib.CResource):
@@ -233,29 +83,25 @@ class _Sampler(_lib.CResource):
 
 
 class Context(_lib.CResource):
-    """One llama.cpp inference context over a :class:`~pyllama_ernie.Model`.
+    """One llama.cpp inference context over a loaded model.
 
-    Usually created for you by :class:`Model`; create more with
-    :meth:`Model.context` to run several conversations at once (one context
-    per thread runs them in parallel; threads sharing one take turns).
+    Made by :class:`~pyllama_ernie.Model` (its default context :attr:`Model.ctx`),
+    and by :meth:`Model.context` for more: one context per thread runs several
+    conversations in parallel; threads sharing one take turns.
+
+    Args:
+        model: the model's handle; the context borrows its pointer until :meth:`close`.
+        vocab: the model's vocabulary.
+        params: the context's settings.
+        observe_nodes: debugging aid, a Python call per graph node (slow): see
+            :class:`pyllama_ernie._lib.NodeObserver`.
     """
 
-    def __init__(
-        self,
-        model: "Model",
-        *,
-        n_ctx: int = 4096,
-        n_batch: int = 512,
-        n_ubatch: Optional[int] = None,
-        n_threads: Optional[int] = None,
-        n_threads_batch: Optional[int] = None,
-        flash_attn: Optional[bool] = None,
-        kv_cache_type: str = "f16",
-        observe_nodes: Optional[Callable[[str, str, tuple, bool, str], None]] = None,
-    ) -> None:
+    def __init__(self, model: ModelHandle, vocab: Vocab, params: ContextParams = ContextParams(), *,
+                 observe_nodes: Optional[Callable[[str, str, tuple, bool, str], None]] = None) -> None:
         self._ptr = None
         self._batch = None
-        self._child = False  # counted in model._n_children (the model outlives its contexts)
+        self._model: Optional[ModelHandle] = None  # set while this context borrows the model
         # call state, guarded by _cond: the thread holding the context (a call or an
         # open stream), whether that call is running (False while a stream is
         # paused at a yield) and whether close() has begun
@@ -264,47 +110,25 @@ class Context(_lib.CResource):
         self._running = False
         self._closing = False
         self._abort = ffi.new("int *", 0)
-        self.model = model
-        model._handle()
-        if n_ctx < 0 or n_batch <= 0:
-            raise ValueError("n_ctx must be >= 0 (0 = the model's training context) and n_batch > 0")
-        if kv_cache_type not in _KV_TYPES:
-            raise ValueError(f"kv_cache_type must be one of {sorted(_KV_TYPES)}")
-        threads = n_threads if n_threads else default_threads()
-        p = lib.llama_context_default_params()
-        p.n_ctx = n_ctx
-        p.n_batch = n_batch
-        p.n_ubatch = min(n_ubatch or n_batch, n_batch)
-        p.n_seq_max = 1
-        p.n_threads = threads
-        p.n_threads_batch = n_threads_batch or threads
-        p.flash_attn_type = (
-            lib.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None
-            else lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
-            else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        p.type_k = p.type_v = _KV_TYPES[kv_cache_type]
-        p.no_perf = False
-        p.abort_callback = abort_flag_callback
-        p.abort_callback_data = self._abort
-        self._observer = None
-        if observe_nodes is not None:
-            # debugging aid: a Python call per graph node (slow)
-            self._observer = _lib.NodeObserver(observe_nodes)
-            p.cb_eval = lib._pyllama_ernie_eval
-            p.cb_eval_user_data = self._observer.handle
         # what the KV cache holds: one key per position (token id, or (chunk key, row)),
         # and the rope position that follows each
         self._keys: List[Any] = []
         self._next: List[int] = []
         self._ebatch = None
-        # the model frees its llama_model only once every context made from it is freed
-        with model._life_lock:
-            if model._closing:
-                raise ClosedError("the model is closed")
-            model_ptr = model._handle()
-            model._n_children += 1
-            self._child = True
+        params.validate()
+        self.params = params
+        self._vocab = vocab
+        self._n_vocab = vocab.n_vocab
+        self._n_embd = model.n_embd
+        self._n_pos_per_embd = model.n_pos_per_embd
+        p = self._c_params(params)
+        self._observer = None
+        if observe_nodes is not None:
+            self._observer = _lib.NodeObserver(observe_nodes)
+            p.cb_eval = lib._pyllama_ernie_eval
+            p.cb_eval_user_data = self._observer.handle
+        model_ptr = model.acquire()  # ClosedError once the model is closing
+        self._model = model
         try:
             errors.clear_log_line()
             ptr = lib.llama_init_from_model(model_ptr, p)
@@ -320,16 +144,39 @@ class Context(_lib.CResource):
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = 0
             self._mem = lib.llama_get_memory(ptr)
-            self._n_vocab = model.n_vocab
-            with model._life_lock:
-                if model._closing:  # Model.close() ran meanwhile and could not see this context
-                    raise ClosedError("the model is closed")
-                model._register(self)
         except BaseException:
             self.close()
             raise
 
+    def _c_params(self, params: ContextParams) -> Any:
+        threads = params.n_threads or default_threads()
+        p = lib.llama_context_default_params()
+        p.n_ctx = params.n_ctx
+        p.n_batch = params.n_batch
+        p.n_ubatch = min(params.n_ubatch or params.n_batch, params.n_batch)
+        p.n_seq_max = 1
+        p.n_threads = threads
+        p.n_threads_batch = params.n_threads_batch or threads
+        p.flash_attn_type = (
+            lib.LLAMA_FLASH_ATTN_TYPE_AUTO if params.flash_attn is None
+            else lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if params.flash_attn
+            else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        p.type_k = p.type_v = _KV_TYPES[params.kv_cache_type]
+        p.no_perf = False
+        p.abort_callback = abort_flag_callback
+        p.abort_callback_data = self._abort
+        return p
+
     # --- lifetime -------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Begin :meth:`close` without waiting: the running call is cancelled and new calls
+        raise :class:`ClosedError`. :meth:`close` then waits and frees. (Closing many contexts
+        at once: shut them all down first, then close each.)"""
+        with self._cond:
+            self._closing = True
+            self._abort[0] = 1
 
     def close(self) -> None:
         """Free the llama.cpp context. Safe to call twice, and from any thread.
@@ -366,19 +213,14 @@ class Context(_lib.CResource):
                 self._untrack()
             self._ebatch = None
             self._keys, self._next = [], []
-            release, self._child = self._child, False
+            model, self._model = self._model, None
             cond.notify_all()
-        if release:
-            self.model._release_child()
+        if model is not None:
+            model.release()
 
     @property
     def closed(self) -> bool:
         return self._ptr is None
-
-    def _check(self) -> Any:
-        if self._ptr is None:
-            raise ClosedError("the context is closed")
-        return self._ptr
 
     class _Using:
         __slots__ = ("ctx",)
@@ -454,7 +296,7 @@ class Context(_lib.CResource):
 
     def _emb_batch(self) -> Any:
         if self._ebatch is None:
-            n, d = self.n_batch, self.model.n_embd
+            n, d = self.n_batch, self._n_embd
             self._emb_mem = mem = {
                 "embd": ffi.new("float[]", n * d),
                 "pos": ffi.new("llama_pos[]", 4 * n),
@@ -490,9 +332,9 @@ class Context(_lib.CResource):
                 chunk, k = u
                 m = min(n_batch, chunk.n - k, n - i)
                 b = self._emb_batch()
-                d = self.model.n_embd
+                d = self._n_embd
                 ffi.memmove(b.embd, ffi.from_buffer(chunk.data[k:k + m]), m * d * 4)
-                npos = self.model.n_pos_per_embd
+                npos = self._n_pos_per_embd
                 pos = np.frombuffer(ffi.buffer(b.pos, 4 * npos * m), dtype=np.int32).reshape(npos, m)
                 pos[:] = chunk.positions_for(npos)[:, k:k + m]
                 for j in range(m):
@@ -532,7 +374,7 @@ class Context(_lib.CResource):
         # Failed or aborted batches may leave part of themselves in the cache;
         # start from a clean one rather than guess which part.
         self._clear()
-        if self._closing or self.model._closing:  # Model.close() cancels every context before closing each
+        if self._closing:  # close() or shutdown() began: the call ends as closed, not as failed
             raise ClosedError("the context was closed during the call", llama_log="")
         if rc == 2 or self._abort[0]:
             self._abort[0] = 0
@@ -546,7 +388,7 @@ class Context(_lib.CResource):
         for part in prompt:
             if isinstance(part, Embeddings):
                 if n_embd is None:
-                    n_embd = self.model.n_embd
+                    n_embd = self._n_embd
                 if part.data.shape[1] != n_embd:
                     raise ValueError(f"embeddings have width {part.data.shape[1]}, the model needs {n_embd}")
                 units.extend((part, j) for j in range(part.n))
@@ -633,138 +475,186 @@ class Context(_lib.CResource):
             n_cached = self._prepare(units)
             self._decode(units, n_cached)
             t1 = time.perf_counter()
-            prompt_ms = (t1 - t0) * 1e3
-
-            ctx, b, vocab = self._ptr, self._batch, self.model._vocab
-            n_vocab = self._n_vocab
-            banned = self.model.eog_tokens if ignore_eos else ()
-            banned_idx = np.array(banned, dtype=np.int64)
-            banned_set = frozenset(banned)
-            sampler = None if sampling.greedy else _Sampler(sampling, n_vocab, banned)
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            partial = False  # the decoder holds the first bytes of a character
-            piece_buf = ffi.new("char[]", 256)
+            vocab = self._vocab.raw
+            picker = _Picker(sampling, self._n_vocab, self._vocab.eog_tokens if ignore_eos else ())
             # Nobody looks at the text before the end (no stream, no stop strings): detokenize
             # once after the loop, not between two decodes.
-            text_at_end = not stream and not stop
+            out = _TextOut(vocab, stop, at_end=not stream and not stop)
             out_tokens: List[int] = []
-            text_parts: List[str] = []
-            held = ""  # text not yet emitted because it may begin a stop string
-            hold = max((len(s) for s in stop), default=1) - 1
             finish = "length"
-            stop_hit: Optional[str] = None
-            pos = self._next_pos()
-            keys, nexts = self._keys, self._next
             try:
-                if sampler is not None:
-                    for u in units:
-                        if not isinstance(u, tuple):
-                            sampler.accept(u)
+                picker.accept_prompt(units)
                 for _ in range(max_tokens):
                     if self._abort[0] or (cancel is not None and cancel.is_set()):
                         finish = "cancelled"
                         break
-                    if len(keys) >= self.n_ctx:
+                    if len(self._keys) >= self.n_ctx:
                         break
-                    if sampler is None:
-                        row = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, -1), n_vocab * 4), dtype=np.float32)
-                        tok = int(row.argmax())
-                        if tok in banned_set:  # rare: mask the banned tokens and look again
-                            row = row.copy()
-                            row[banned_idx] = -np.inf
-                            tok = int(row.argmax())
-                    else:
-                        tok = sampler.sample(ctx)
+                    tok = picker.pick(self._ptr)
                     if lib.llama_vocab_is_eog(vocab, tok):
                         finish = "stop"
                         break
                     out_tokens.append(tok)
-                    if text_at_end:
-                        piece = ""
-                    elif partial:
-                        piece = decoder.decode(piece_bytes(vocab, tok, piece_buf))
-                        partial = bool(decoder.getstate()[0])
-                    else:
-                        raw = piece_bytes(vocab, tok, piece_buf)
-                        try:  # the usual case, whole characters: no incremental decoder needed
-                            piece = raw.decode("utf-8")
-                        except UnicodeDecodeError:
-                            piece = decoder.decode(raw)
-                            partial = bool(decoder.getstate()[0])
-                    if piece:
-                        held += piece
-                        if stop:
-                            cut = _find_stop(held, stop)
-                            if cut is not None:
-                                idx, stop_hit = cut
-                                held, emit = "", held[:idx]
-                                finish = "stop"
-                                if emit:
-                                    text_parts.append(emit)
-                                    if stream:
-                                        self._pause()
-                                        yield emit
-                                break
-                        if len(held) > hold:
-                            emit, held = held[: len(held) - hold], held[len(held) - hold:]
-                            text_parts.append(emit)
-                            if stream:
-                                self._pause()
-                                yield emit
-                                if not self._resume():  # closed while paused: the C context is gone
-                                    finish = "cancelled"
-                                    break
-                    # feed the token back
-                    b.token[0] = tok
-                    b.pos[0] = pos
-                    b.logits[0] = 1
-                    b.n_tokens = 1
-                    rc = lib.llama_decode(ctx, b)
-                    if rc == 2 and self._abort[0]:  # cancelled inside the decode: the cache is cleared
-                        self._clear()
-                        self._abort[0] = 0
+                    piece = out.feed(tok)
+                    if piece and stream:
+                        self._pause()
+                        yield piece
+                        if out.stop_hit is None and not self._resume():  # closed while paused: no C
+                            finish = "cancelled"
+                            break
+                    if out.stop_hit is not None:
+                        finish = "stop"
+                        break
+                    if not self._step(tok):
                         finish = "cancelled"
                         break
-                    if rc != 0:
-                        self._decode_failed(rc)
-                    pos += 1
-                    keys.append(tok)
-                    nexts.append(pos)
-                if text_at_end and out_tokens:  # while the model is still held
-                    text_parts.append(b"".join(piece_bytes(vocab, t, piece_buf) for t in out_tokens)
-                                      .decode("utf-8", "replace"))
+                rest = out.finish(out_tokens)  # may read the vocabulary: while the model is held
                 # no more llama.cpp calls on this context: close() need not wait for the rest
                 self._pause()
-                if not text_at_end and stop_hit is None:
-                    held += decoder.decode(b"", final=True)
-                    if held:
-                        text_parts.append(held)
-                        if stream:
-                            yield held
+                if rest and stream:
+                    yield rest
             finally:
-                if sampler is not None:
-                    sampler.close()
+                picker.close()
             t2 = time.perf_counter()
             yield Completion(
-                text="".join(text_parts),
+                text=out.text,
                 tokens=out_tokens,
                 finish_reason=finish,
                 prompt_tokens=len(units),
                 completion_tokens=len(out_tokens),
                 prompt_tokens_evaluated=len(units) - n_cached,
-                timings=Timings(prompt_ms, (t2 - t1) * 1e3, len(units) - n_cached, len(out_tokens)),
-                stop=stop_hit,
+                timings=Timings((t1 - t0) * 1e3, (t2 - t1) * 1e3, len(units) - n_cached, len(out_tokens)),
+                stop=out.stop_hit,
             )
 
+    def _step(self, tok: int) -> bool:
+        """Evaluate one generated token after the cache; False if it was cancelled inside the decode."""
+        b = self._batch
+        pos = self._next_pos()
+        b.token[0] = tok
+        b.pos[0] = pos
+        b.logits[0] = 1
+        b.n_tokens = 1
+        rc = lib.llama_decode(self._ptr, b)
+        if rc == 2 and self._abort[0]:  # cancelled inside the decode: the cache is cleared
+            self._clear()
+            self._abort[0] = 0
+            return False
+        if rc != 0:
+            self._decode_failed(rc)
+        self._keys.append(tok)
+        self._next.append(pos + 1)
+        return True
 
-def piece_bytes(vocab: Any, token: int, buf: Any, special: bool = False) -> bytes:
-    """The bytes of one (valid) token's text; ``buf``: a scratch ``char[256]``."""
-    n = lib.llama_token_to_piece(vocab, token, buf, 256, 0, special)
-    if n < 0:
-        big = ffi.new("char[]", -n)
-        n = lib.llama_token_to_piece(vocab, token, big, -n, 0, special)
-        return ffi.unpack(big, n)
-    return ffi.unpack(buf, n)
+
+class _Picker:
+    """Chooses each next token: the argmax for greedy settings, else llama.cpp's sampler chain.
+
+    ``banned`` tokens are never chosen (``ignore_eos``).
+    """
+
+    def __init__(self, sampling: SamplingParams, n_vocab: int, banned: Sequence[int] = ()) -> None:
+        self._n_vocab = n_vocab
+        self._sampler = None if sampling.greedy else _Sampler(sampling, n_vocab, banned)
+        self._banned_idx = np.array(banned, dtype=np.int64)
+        self._banned = frozenset(banned)
+
+    def accept_prompt(self, units: Sequence[Any]) -> None:
+        """Let the sampler see the prompt's tokens (for the repeat penalty)."""
+        if self._sampler is not None:
+            for u in units:
+                if not isinstance(u, tuple):
+                    self._sampler.accept(u)
+
+    def pick(self, ctx: Any) -> int:
+        if self._sampler is not None:
+            return self._sampler.sample(ctx)
+        row = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, -1), self._n_vocab * 4), dtype=np.float32)
+        tok = int(row.argmax())
+        if tok in self._banned:  # rare: mask the banned tokens and look again
+            row = row.copy()
+            row[self._banned_idx] = -np.inf
+            tok = int(row.argmax())
+        return tok
+
+    def close(self) -> None:
+        if self._sampler is not None:
+            self._sampler.close()
+
+
+class _TextOut:
+    """Turns generated tokens into text pieces that never split a UTF-8 character and never
+    show (part of) a stop string: the last ``len(longest stop) - 1`` characters are held back
+    until they cannot begin one.
+
+    With ``at_end`` (nobody reads the text on the way) :meth:`feed` does nothing and
+    :meth:`finish` detokenizes everything once.
+    """
+
+    def __init__(self, vocab: Any, stop: Sequence[str], at_end: bool) -> None:
+        self._vocab = vocab
+        self._stop = list(stop)
+        self._at_end = at_end
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._partial = False  # the decoder holds the first bytes of a character
+        self._buf = ffi.new("char[]", 256)
+        self._held = ""
+        self._parts: List[str] = []
+        #: the stop string that ended generation, once one appeared
+        self.stop_hit: Optional[str] = None
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far."""
+        return "".join(self._parts)
+
+    def feed(self, tok: int) -> str:
+        """The text that can be shown after ``tok`` ("" if none); sets :attr:`stop_hit` on a stop string."""
+        if self._at_end:
+            return ""
+        raw = piece_bytes(self._vocab, tok, self._buf)
+        if self._partial:
+            piece = self._decoder.decode(raw)
+            self._partial = bool(self._decoder.getstate()[0])
+        else:
+            try:  # the usual case, whole characters: no incremental decoder needed
+                piece = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                piece = self._decoder.decode(raw)
+                self._partial = bool(self._decoder.getstate()[0])
+        if not piece:
+            return ""
+        held = self._held + piece
+        if self._stop:
+            cut = _find_stop(held, self._stop)
+            if cut is not None:
+                idx, self.stop_hit = cut
+                self._held = ""
+                return self._emit(held[:idx])
+        if len(held) > self._hold:
+            n = len(held) - self._hold
+            self._held = held[n:]
+            return self._emit(held[:n])
+        self._held = held
+        return ""
+
+    def finish(self, tokens: Sequence[int]) -> str:
+        """What is left to show once generation ended ("" after a stop string)."""
+        if self._at_end:
+            if tokens:
+                buf = self._buf
+                self._emit(b"".join(piece_bytes(self._vocab, t, buf) for t in tokens).decode("utf-8", "replace"))
+            return ""
+        if self.stop_hit is not None:
+            return ""
+        rest, self._held = self._held + self._decoder.decode(b"", final=True), ""
+        return self._emit(rest)
+
+    def _emit(self, text: str) -> str:
+        if text:
+            self._parts.append(text)
+        return text
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> Optional[tuple]:

@@ -42,7 +42,7 @@ import numpy as np
 
 from .errors import InvalidModelFileError, ModelLoadError
 
-__all__ = ["ERNIE_ARCHS", "ROLES", "GGUFSummary", "TensorInfo", "validate_gguf"]
+__all__ = ["ERNIE_ARCHS", "ROLES", "GGUFSummary", "TensorInfo", "validate_gguf", "check_gguf_file", "read_tensor"]
 
 ERNIE_ARCHS = ("ernie4_5", "ernie4_5-moe", "ernie4_5-vl-moe")
 ROLES = ("model", "mmproj", "auto")
@@ -121,6 +121,10 @@ class GGUFSummary:
     @property
     def parameters(self) -> int:
         return sum(math.prod(t.shape) for t in self.tensors.values())
+
+    def read_tensor(self, name: str, rows: Any = None) -> np.ndarray:
+        """See :func:`read_tensor`."""
+        return read_tensor(self, name, rows)
 
 
 class _Bad(Exception):
@@ -884,3 +888,50 @@ def validate_gguf(path: str | os.PathLike[str], *, role: str = "model") -> GGUFS
     return GGUFSummary(path=p, role=kind, version=version, file_size=size, alignment=alignment,
                        data_offset=data_offset, metadata=meta, value_types=types, tensors=tensors,
                        architecture=arch, n_vocab=n_vocab, n_embd=n_embd)
+
+
+def check_gguf_file(path: str | os.PathLike[str], role: str | None = None) -> Path:
+    """Refuse, with a clear error, a file llama.cpp cannot load (or would abort on); return its path.
+
+    ``role``: ``"model"`` (an ERNIE 4.5 language model), ``"mmproj"`` (an ERNIE 4.5 VL
+    vision projector) or None (either: a ``clip`` file is checked as an mmproj, anything
+    else as a model). Only the header and metadata are read (see :func:`validate_gguf`).
+    Raises FileNotFoundError, :class:`~pyllama_ernie.errors.InvalidModelFileError`
+    (damaged, wrong kind, a directory) or :class:`~pyllama_ernie.errors.ModelLoadError` (unreadable).
+    """
+    return validate_gguf(path, role=role or "auto").path
+
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def read_tensor(summary: GGUFSummary, name: str, rows: Any = None) -> np.ndarray:
+    """A tensor of a checked file as float32, in NumPy order (``shape[::-1]`` of ggml's).
+
+    ``rows`` (an index or index array into the first NumPy axis) reads only those rows,
+    e.g. a few token embeddings of a large vocabulary. Quantized types are dequantized
+    with the ``gguf`` package. The file is mapped, not read whole.
+    """
+    t = summary.tensors.get(name)
+    if t is None:
+        raise KeyError(f"{summary.path.name} has no tensor {name!r}")
+    shape = tuple(reversed(t.shape))
+    n_rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    data = np.memmap(summary.path, dtype=np.uint8, mode="r", offset=summary.data_offset + t.offset,
+                     shape=(t.nbytes,))
+    raw = data.reshape(n_rows, t.nbytes // n_rows)
+    if rows is not None:
+        raw = raw[np.atleast_1d(np.asarray(rows, dtype=np.int64))]
+    if t.type_name == "F32":
+        out = np.array(raw).view("<f4")
+    elif t.type_name == "F16":
+        out = np.array(raw).view("<f2").astype(np.float32)
+    elif t.type_name == "BF16":
+        out = _bf16_to_f32(np.array(raw))
+    else:
+        import gguf
+
+        out = gguf.quants.dequantize(np.array(raw), gguf.GGMLQuantizationType(t.ggml_type)).astype(np.float32)
+    out = out.reshape(raw.shape[0], shape[-1]) if len(shape) > 1 else out.reshape(shape)
+    return out if rows is not None else out.reshape(shape)

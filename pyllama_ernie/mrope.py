@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .context import Embeddings
+from .values import Embeddings
 
 __all__ = ["image_positions", "image_embeddings"]
 

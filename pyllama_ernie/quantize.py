@@ -9,7 +9,7 @@ from typing import Union
 from . import _lib, errors
 from ._lib import lib
 from .errors import QuantizeError
-from .model import check_gguf_file
+from .gguf_check import check_gguf_file
 
 __all__ = ["quantize", "QUANT_TYPES"]
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, TextIO
+from typing import Any, Callable, Dict, List, Optional, TextIO
 
 import numpy as np
 
@@ -69,20 +69,20 @@ def numpy_forward(gguf_path: Path, tokens: List[int], embeddings: Optional[np.nd
     rows t, h, w) it evaluates an embedding input, which the VL model routes
     through its vision experts.
     """
-    import gguf
+    from .gguf_check import validate_gguf
 
-    r = gguf.GGUFReader(str(gguf_path))
-    arch = str(r.fields["general.architecture"].contents())
+    summary = validate_gguf(gguf_path, role="model")
+    arch = str(summary.architecture)
 
-    def kv(key: str, default: Optional[float] = None) -> float:
-        f = r.fields.get(f"{arch}.{key}")
-        if f is None:
+    def kv(key: str, default: Optional[float] = None) -> Any:
+        v = summary.get(f"{arch}.{key}")
+        if v is None:
             if default is None:
                 raise KeyError(key)
             return default
-        return f.contents()
+        return v
 
-    W: Dict[str, np.ndarray] = {t.name: np.asarray(t.data, dtype=np.float64) for t in r.tensors}
+    W: Dict[str, np.ndarray] = {name: summary.read_tensor(name).astype(np.float64) for name in summary.tensors}
     n_layer = int(kv("block_count"))
     n_head, n_head_kv = int(kv("attention.head_count")), int(kv("attention.head_count_kv"))
     eps, base = float(kv("attention.layer_norm_rms_epsilon")), float(kv("rope.freq_base"))
@@ -167,11 +167,10 @@ def _devices() -> List[tuple]:
 
 
 def _mmproj_weights(path: Path) -> dict:
-    import gguf
+    from .gguf_check import validate_gguf
 
-    reader = gguf.GGUFReader(str(path))
-    return {t.name: np.array(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
-            for t in reader.tensors}
+    summary = validate_gguf(path, role="mmproj")
+    return {name: summary.read_tensor(name) for name in summary.tensors}
 
 
 def check_vision(model_path: Path, mmproj_path: Path, n_gpu_layers: int) -> tuple:
@@ -179,7 +178,7 @@ def check_vision(model_path: Path, mmproj_path: Path, n_gpu_layers: int) -> tupl
     from . import _vision_numpy
     from .images import normalize
     from .model import Model
-    from .multimodal import IMAGE_MARKER
+    from .values import IMAGE_MARKER
 
     rgb = np.random.default_rng(1).integers(0, 256, (56, 84, 3), dtype=np.uint8)
     with Model(model_path, mmproj_path=mmproj_path, n_ctx=256, n_gpu_layers=n_gpu_layers, kv_cache_type="f32",
@@ -208,7 +207,7 @@ def check_one(path: Path, arch: str, device: str, n_gpu_layers: int) -> CheckRes
             err = float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-9))
             if arch == "ernie4_5-vl-moe":
                 # an image-like embedding run: vision experts and 3-D positions
-                from .context import Embeddings
+                from .values import Embeddings
                 from .mrope import image_positions
 
                 rows = np.random.default_rng(0).standard_normal((6, m.n_embd)).astype(np.float32)
@@ -253,7 +252,7 @@ def check_one(path: Path, arch: str, device: str, n_gpu_layers: int) -> CheckRes
 def run_selfcheck(verbose: bool = False, out: TextIO = sys.stdout,
                   write_model: Optional[Callable[[str, Path], Path]] = None) -> bool:
     """Run the self-check, print a table, return True when everything passed."""
-    from . import __version__
+    from ._version import __version__
     from .convert.synthetic import write_tiny_gguf
     from .system import system_info
 

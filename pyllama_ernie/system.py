@@ -66,7 +66,7 @@ def devices() -> List[Dict[str, Any]]:
 
 def system_info() -> Dict[str, Any]:
     """A dictionary describing this build: versions, llama.cpp base, patches, backends, CPU features."""
-    from . import __version__
+    from ._version import __version__
     from . import _build_info as bi
 
     _lib.ensure_init()

@@ -1,5 +1,10 @@
 """Projector: owns one ``mtmd_context`` (an mmproj GGUF) and turns pixels into embeddings.
 
+It sizes images and videos as the reference processor does (:meth:`Projector.prepare_image`,
+:meth:`Projector.prepare_video`, giving :class:`~pyllama_ernie.values.Media`), encodes them
+(:meth:`Projector.features`, with a cache of recent results by pixel content) and borrows the
+language model's handle for as long as the mtmd context lives (mtmd reads its vocabulary).
+
 Images reach the encoder already resized in Python exactly as the reference
 processor resizes them (:mod:`pyllama_ernie.images`), so mtmd only normalizes
 them (its ERNIE preprocessor computes the same size and does not resample).
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -19,7 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _lib, errors
-from ._lib import ffi, lib
+from . import images as _images
+from ._lib import ModelHandle, ffi, lib
 from .errors import (
     ClosedError,
     EncodeError,
@@ -27,7 +34,10 @@ from .errors import (
     InvalidModelFileError,
     ModelLoadError,
 )
+from .gguf_check import check_gguf_file, validate_gguf
+from .values import Features, Media
 
+# Features is defined in .values; it stays importable from here as before.
 __all__ = ["Projector", "Features", "ProjectorInfo", "read_projector_info"]
 
 _MARKER = "<__media__>"
@@ -52,8 +62,6 @@ class ProjectorInfo:
 
 def read_projector_info(path: Path) -> ProjectorInfo:
     """Check an ERNIE-4.5-VL mmproj file (see :mod:`.gguf_check`) and read its input sizes."""
-    from .gguf_check import validate_gguf
-
     summary = validate_gguf(path, role="mmproj")
     keys = {
         "patch_size": "clip.vision.patch_size",
@@ -72,39 +80,34 @@ def read_projector_info(path: Path) -> ProjectorInfo:
     return ProjectorInfo(projector_type=str(ptype), **got)
 
 
-@dataclass(frozen=True)
-class Features:
-    """Encoder output for one image or video: ``data`` is ``(n_frames * grid_h * grid_w, n_embd)``."""
-
-    data: np.ndarray
-    grid_h: int
-    grid_w: int
-    n_frames: int = 1  # temporal positions: 1 for an image, frame pairs for a video
-
-
 class Projector(_lib.CResource):
     """The vision encoder and resampler of an ERNIE-4.5-VL model (an mmproj GGUF).
 
-    Made by :class:`pyllama_ernie.Model` when given ``mmproj_path``; it needs
-    the language model (for the vocabulary and the embedding width).
+    Made by :class:`pyllama_ernie.Model` when given ``mmproj_path``; it borrows
+    the language model (mtmd reads its vocabulary) until :meth:`close`.
     Encoding is serialized: one image at a time per projector.
     """
 
-    def __init__(self, path: "os.PathLike[str] | str", model: Any, *, n_threads: int,
-                 use_gpu: bool = False, flash_attn: Optional[bool] = None) -> None:
-        from .model import check_gguf_file
+    #: how many encoded images/videos :meth:`features` keeps (by content hash of their resized pixels)
+    cache_size = 32
 
+    def __init__(self, path: "os.PathLike[str] | str", model: ModelHandle, *, n_threads: int,
+                 use_gpu: bool = False, flash_attn: Optional[bool] = None) -> None:
         self._ptr = None
+        self._model: Optional[ModelHandle] = None  # set while the projector borrows the model
         self._lock = threading.Lock()
+        self._cache: "OrderedDict[bytes, Features]" = OrderedDict()
+        self._cache_lock = threading.Lock()
         self.path = check_gguf_file(path, role="mmproj")
-        if getattr(model, "n_pos_per_embd", 4) != 4:
+        model_name = Path(model.path).name
+        if model.n_pos_per_embd != 4:
             raise InvalidModelFileError(
-                f"{model.path.name} is not an ERNIE-4.5-VL language model (no 3-D positions): "
+                f"{model_name} is not an ERNIE-4.5-VL language model (no 3-D positions): "
                 f"it cannot take the images of {self.path.name}", llama_log="")
         self.info = read_projector_info(self.path)
         if self.info.projection_dim != model.n_embd:
             raise InvalidModelFileError(
-                f"{self.path.name} projects to width {self.info.projection_dim} but {model.path.name} "
+                f"{self.path.name} projects to width {self.info.projection_dim} but {model_name} "
                 f"embeds tokens in {model.n_embd}: the mmproj belongs to another model", llama_log="")
         _lib.ensure_init()
         params = lib.mtmd_context_params_default()
@@ -117,22 +120,27 @@ class Projector(_lib.CResource):
                                       else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._marker = ffi.new("char[]", _MARKER.encode())
         params.media_marker = self._marker
+        model_ptr = model.acquire()
+        self._model = model
         errors.clear_log_line()
-        ptr = lib.mtmd_init_from_file(str(self.path).encode(), model._handle(), params)
+        ptr = lib.mtmd_init_from_file(str(self.path).encode(), model_ptr, params)
         if ptr == ffi.NULL:
+            self.close()
             errors.raise_error(ModelLoadError, f"loading the projector {self.path}")
         self._ptr = ptr
         self._track()
         self.n_embd = int(model.n_embd)
 
     def close(self) -> None:
-        """Free the projector. Safe to call twice."""
-        if self._ptr is not None:
-            with self._lock:
-                if self._ptr is not None:  # another thread may have closed it meanwhile
-                    lib.mtmd_free(self._ptr)
-                    self._ptr = None
-                    self._untrack()
+        """Free the projector (an encode running in another thread finishes first). Safe to call twice."""
+        with self._lock:
+            if self._ptr is not None:
+                lib.mtmd_free(self._ptr)
+                self._ptr = None
+                self._untrack()
+            model, self._model = self._model, None
+        if model is not None:
+            model.release()
 
     @property
     def closed(self) -> bool:
@@ -217,7 +225,62 @@ class Projector(_lib.CResource):
             raise EncodeError("the vision encoder produced NaN or infinite values", llama_log="")
         return Features(data, grid_h, grid_w)
 
-    def encode_video(self, frames: Sequence[np.ndarray]) -> Features:
+    def prepare_image(self, image: Any) -> Media:
+        """Load one image (path, bytes, PIL image or HxWx3 uint8 array) and resize it for this projector."""
+        info = self.info
+        rgb = _images.resize_for_model(_images.load_image(image), min_pixels=info.min_pixels,
+                                       max_pixels=info.max_pixels, factor=info.factor)
+        h, w = rgb.shape[:2]
+        return Media("image", [rgb], h // info.factor, w // info.factor)
+
+    def prepare_video(self, frames: Sequence[Any]) -> Media:
+        """Load and resize a video's frames (padded to an even count as the reference pads)."""
+        if isinstance(frames, (str, bytes)) or not isinstance(frames, Sequence):
+            raise ImageError("a video is a list of frames (paths, bytes, PIL images or arrays)")
+        info = self.info
+        # the reference's video processor sizes frames with its own limits, not the image ones
+        fr = _images.video_frames(frames, min_pixels=_images.VIDEO_MIN_PIXELS, max_pixels=_images.VIDEO_MAX_PIXELS,
+                                  factor=info.factor)
+        h, w = fr[0].shape[:2]
+        media = Media("video", list(fr), h // info.factor, w // info.factor)
+        if media.n_frames > max(media.grid_h, media.grid_w):
+            # pair k sits at t = pos + k, the text after the video at pos + max(grid_h, grid_w):
+            # with more pairs than that, later frames would come after the following text in
+            # position order, which llama.cpp's causal mask cannot express as the reference does
+            raise ImageError(
+                f"a video of {media.n_frames} frame pairs at {w}x{h} ({media.grid_w}x{media.grid_h} tokens a "
+                "frame) cannot be placed: use at most max(grid_h, grid_w) frame pairs, i.e. fewer frames or "
+                "larger frames")
+        return media
+
+    def features(self, media: Media) -> Tuple[Features, bool]:
+        """Encode prepared media; returns the features and whether the encoder ran.
+
+        The last :attr:`cache_size` results are kept by pixel content, so the same
+        image in a later prompt is not encoded again.
+        """
+        key = media.key()
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit, False
+        if media.kind == "image":
+            feats = self.encode(media.frames)
+        else:
+            feats = self._encode_video(media.frames)
+        with self._cache_lock:
+            self._cache[key] = feats
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return feats, True
+
+    def cache_clear(self) -> None:
+        """Forget the encoded images and videos kept for reuse."""
+        with self._cache_lock:
+            self._cache.clear()
+
+    def _encode_video(self, frames: Sequence[np.ndarray]) -> Features:
         """Encode an even number of frames as consecutive pairs (the reference's temporal merge)."""
         if len(frames) < 2 or len(frames) % 2:
             raise ImageError("a video needs an even, non-zero number of frames (pad by repeating the last)")
@@ -225,8 +288,3 @@ class Projector(_lib.CResource):
         parts = [self.encode(frames[i:i + 2], check_size=False) for i in range(0, len(frames), 2)]
         return Features(np.concatenate([p.data for p in parts]), parts[0].grid_h, parts[0].grid_w,
                         n_frames=len(parts))
-
-    def tokens_for(self, height: int, width: int) -> Tuple[int, int]:
-        """The token grid ``(grid_h, grid_w)`` of an image already resized to ``height x width``."""
-        f = self.info.factor
-        return height // f, width // f

@@ -318,10 +318,10 @@ def test_ignore_eos_takes_the_best_token_that_is_not_banned(exact):
     assert row[best] > row[second]  # no tie at the top for this prompt
     real = exact.eog_tokens
     try:
-        exact._eog = real + [best]  # pretend the best token is an end-of-generation token
+        exact.vocab._eog = real + [best]  # pretend the best token is an end-of-generation token
         out = exact.generate(PROMPT, max_tokens=1, temperature=0, ignore_eos=True)
     finally:
-        exact._eog = real
+        exact.vocab._eog = real
     assert out.tokens == [second]
     assert exact.generate(PROMPT, max_tokens=1, temperature=0, ignore_eos=True).tokens == [best]
 

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("pyllama_ernie._lib", reason="pyllama_ernie is not built (pip install .)")
 
-from pyllama_ernie import IMAGE_MARKER, ImageError, Model  # noqa: E402
+from pyllama_ernie import IMAGE_MARKER, ImageError, Model, SamplingParams  # noqa: E402
 from pyllama_ernie.chat import ThinkSplitter, render_template  # noqa: E402
 from pyllama_ernie.convert.synthetic import VL_CHAT_TEMPLATE as VL_TEMPLATE  # noqa: E402
 
@@ -50,7 +50,7 @@ def test_template_matches_transformers(vlm, reference_tokenizer_vl, thinking):
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "2"}]}]
     kw = {} if thinking is None else {"enable_thinking": thinking}
     want = tok.apply_chat_template(msgs, chat_template=VL_TEMPLATE, tokenize=False, add_generation_prompt=True,
-                                   bos_token=vlm._token_text(vlm.bos_token), **kw)
+                                   bos_token=vlm.vocab.token_text(vlm.bos_token), **kw)
     want = re.sub(r"<\|IMAGE_START\|>.*?<\|IMAGE_END\|>", IMAGE_MARKER, want)
     rgb, _ = _png()
     ours_msgs = _conversation({"type": "image", "image": rgb}) + [
@@ -95,7 +95,7 @@ def test_every_image_input_shape_gives_the_same_answer(vlm, tmp_path):
     # and the same tokens as generate() on the rendered prompt
     prompt = vlm.apply_chat_template([{"role": "user", "content": [parts[0], {"type": "text", "text": "describe"}]}],
                                      chat_template=VL_TEMPLATE)
-    assert prompt.startswith(vlm._token_text(vlm.bos_token))
+    assert prompt.startswith(vlm.vocab.token_text(vlm.bos_token))
 
 
 def test_result_shape_and_string_content(vlm):
@@ -205,7 +205,8 @@ def test_cancel_from_another_thread(vlm):
 def test_cancel_finish_reason(vlm):
     ev = threading.Event()
     pieces = []
-    gen = vlm._run("the", 100000, 0.0, 40, 0.95, 0.05, 1.0, None, None, True, cancel=ev)
+    gen = vlm.ctx.generate_tokens(vlm.tokenize("the"), max_tokens=100000, sampling=SamplingParams(temperature=0),
+                                  ignore_eos=True, cancel=ev)
     for item in gen:
         if isinstance(item, str):
             pieces.append(item)
@@ -225,7 +226,7 @@ def test_two_contexts_in_two_threads_match_sequential(vlm):
     def work(i):
         toks = vlm.tokenize(prompts[i])
         res = None
-        for item in ctxs[i].generate_tokens(toks, max_tokens=12, sampling=vlm._sampling(0, 40, 0.95, 0.05, 1.0, 0),
+        for item in ctxs[i].generate_tokens(toks, max_tokens=12, sampling=SamplingParams(temperature=0, seed=0),
                                             ignore_eos=True):
             res = item
         out[i] = res.tokens

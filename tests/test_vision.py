@@ -229,7 +229,7 @@ def test_prompt_with_media_matches_reference(e2e, case):
     ids, kw = _reference_case(ref, tok, prompt, images, videos)
 
     # the text around the media tokenizes as the reference tokenizes it
-    ours_prompt, n_encoded = multimodal_prompt(m, prompt, images, videos, m.n_ctx)
+    ours_prompt, n_encoded = multimodal_prompt(m.vocab, m.projector, prompt, images, videos, m.n_ctx)
     assert n_encoded <= len(images) + len(videos)  # the others were encoded by an earlier case
     assert sum(isinstance(t, Embeddings) for t in ours_prompt) == len(images) + len(videos)
     specials = {ref.config.image_start_token_id, ref.config.image_end_token_id, ref.config.image_token_id,
