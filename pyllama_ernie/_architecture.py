@@ -12,8 +12,6 @@ the apps on the top floor import it.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
-
 __all__ = ["FLOORS", "FLOOR_NAMES", "WING", "WING_MAY_IMPORT", "render"]
 
 FLOOR_NAMES = {
@@ -27,7 +25,7 @@ FLOOR_NAMES = {
 }
 
 #: module -> (floor, what it is)
-FLOORS: Dict[str, Tuple[int, str]] = {
+FLOORS: dict[str, tuple[int, str]] = {
     "errors": (0, "the exceptions, and C results turned into them in one place"),
     "values": (0, "value classes: Completion, Timings, SamplingParams, ContextParams, Embeddings, "
                   "Features, Media; the media markers"),
@@ -67,7 +65,7 @@ WING_MAY_IMPORT = ("errors",)
 
 def render() -> str:
     """The README's Architecture block (top floor first)."""
-    by_floor: Dict[int, List[str]] = {}
+    by_floor: dict[int, list[str]] = {}
     for name, (floor, what) in FLOORS.items():
         by_floor.setdefault(floor, []).append(f"{name}: {what}")
     lines = ["```"]

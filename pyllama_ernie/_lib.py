@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Callable, List, Optional, TypeVar, Union
+from typing import Any, Callable, TypeVar
 
 from . import errors
 
@@ -39,7 +39,7 @@ _LEVELS = {
 }
 
 
-def set_log_level(level: Union[int, str]) -> None:
+def set_log_level(level: int | str) -> None:
     """Set the level of the ``pyllama_ernie`` logger (e.g. ``"INFO"`` to see llama.cpp's load log)."""
     logger.setLevel(level.upper() if isinstance(level, str) else level)
 
@@ -111,7 +111,7 @@ class CResource:
 
     _tracked = False
     #: the name :func:`live_handles` counts this type under (default: the class name)
-    _live_name: Optional[str] = None
+    _live_name: str | None = None
 
     def _track(self) -> None:
         with _live_lock:
@@ -156,7 +156,7 @@ class ModelHandle(CResource):
 
     _live_name = "Model"  # what users open and close; live_handles() counts it as such
 
-    def __init__(self, path: str, params: Any, progress: Optional[Callable[[float], Optional[bool]]] = None) -> None:
+    def __init__(self, path: str, params: Any, progress: Callable[[float], bool | None] | None = None) -> None:
         self._ptr = None
         self._lock = threading.Lock()
         self._borrowers = 0
@@ -255,9 +255,9 @@ class ProgressHandle:
     exception inside it also cancels, and is re-raised by ``reraise()``.
     """
 
-    def __init__(self, fn: Callable[[float], Optional[bool]]) -> None:
+    def __init__(self, fn: Callable[[float], bool | None]) -> None:
         self.fn = fn
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.cancelled = False
         self.handle = ffi.new_handle(self)
 
@@ -296,7 +296,7 @@ class NodeObserver:
 
     def __init__(self, fn: Callable[[str, str, tuple, bool, str], None]) -> None:
         self.fn = fn
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
         self.handle = ffi.new_handle(self)
 
 
@@ -374,12 +374,12 @@ def _load_backend_modules() -> None:
                           f"(loaded: {', '.join(names) or 'none'}); reinstall the package")
 
 
-def backend_names() -> List[str]:
+def backend_names() -> list[str]:
     """Names of the registered ggml backends, e.g. ``["CPU"]`` or ``["CUDA", "CPU"]``."""
     return [c_str(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))) for i in range(lib.ggml_backend_reg_count())]
 
 
-def module_load_error(name: str) -> Optional[str]:
+def module_load_error(name: str) -> str | None:
     """Why the backend module ``name`` (e.g. ``"cuda"``) of this build did not load, or None.
 
     None also when the build has no such module. The reason is the dynamic loader's

@@ -35,9 +35,10 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class Stat:
     median: float
     min: float
     max: float
-    values: List[float]
+    values: list[float]
 
     @classmethod
     def of(cls, values: Sequence[float]) -> "Stat":
@@ -126,7 +127,7 @@ def read_bandwidth(n_threads: int, *, size_mb: int = 256, passes: int = 8) -> fl
 
 # --- bytes a decode step reads ------------------------------------------------
 
-def active_weight_bytes(path: PathLike) -> Dict[str, int]:
+def active_weight_bytes(path: PathLike) -> dict[str, int]:
     """Weight bytes one generated token reads from memory in text mode.
 
     Every tensor is read in full except: the token embedding (one row, unless
@@ -182,7 +183,7 @@ def _image_label(image: Any, i: int) -> str:
 
 # --- the run -------------------------------------------------------------------
 
-def peak_rss_mb() -> Optional[float]:
+def peak_rss_mb() -> float | None:
     """The process's peak resident memory in MiB (None where the OS does not say)."""
     try:
         import resource
@@ -207,12 +208,12 @@ class BenchResult:
     bandwidth_gbs: Stat
     weight_bytes_per_token: int
     file_bytes: int
-    peak_rss_mb: Optional[float]
-    mmproj: Optional[str] = None
-    image_ms: Dict[str, Stat] = field(default_factory=dict)
-    ttft_ms: Optional[Stat] = None
-    gpu_memory_mb: Optional[float] = None
-    machine: Dict[str, Any] = field(default_factory=dict)
+    peak_rss_mb: float | None
+    mmproj: str | None = None
+    image_ms: dict[str, Stat] = field(default_factory=dict)
+    ttft_ms: Stat | None = None
+    gpu_memory_mb: float | None = None
+    machine: dict[str, Any] = field(default_factory=dict)
 
     @property
     def bus_fraction(self) -> float:
@@ -220,7 +221,7 @@ class BenchResult:
         (medians of the same run)."""
         return self.weight_bytes_per_token * self.tg.median / (self.bandwidth_gbs.median * 1e9)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["bus_fraction"] = self.bus_fraction
         return d
@@ -251,10 +252,10 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def _machine(n_threads: int) -> Dict[str, Any]:
+def _machine(n_threads: int) -> dict[str, Any]:
     from .system import system_info
 
-    info: Dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
                             "cpus": os.cpu_count(), "threads": n_threads}
     try:
         with open("/proc/cpuinfo") as f:
@@ -277,13 +278,13 @@ def _machine(n_threads: int) -> Dict[str, Any]:
 def run_bench(
     model_path: PathLike,
     *,
-    mmproj_path: Optional[PathLike] = None,
-    images: Optional[Sequence[Any]] = None,
-    n_threads: Optional[int] = None,
+    mmproj_path: PathLike | None = None,
+    images: Sequence[Any] | None = None,
+    n_threads: int | None = None,
     repetitions: int = 5,
     n_prompt: int = 512,
     n_gen: int = 128,
-    log: Optional[Any] = None,
+    log: Any | None = None,
     **model_kwargs: Any,
 ) -> BenchResult:
     """Measure ``model_path`` (and its projector): see the module docstring.
@@ -364,12 +365,12 @@ def run_bench(
         gpu_mb = (gpu_free_before - _gpu_free_bytes()) / 2**20 if model.offload.gpus else None
 
         probe = BandwidthProbe()
-        pp: List[float] = []
-        tg: List[float] = []
-        host: List[float] = []
-        bw: List[float] = []
-        img: Dict[str, List[float]] = {label: [] for label in labels}
-        ttft: List[float] = []
+        pp: list[float] = []
+        tg: list[float] = []
+        host: list[float] = []
+        bw: list[float] = []
+        img: dict[str, list[float]] = {label: [] for label in labels}
+        ttft: list[float] = []
         for r in range(repetitions):
             say(f"repetition {r + 1}/{repetitions}")
             pp.append(pp_once())
@@ -393,7 +394,7 @@ def run_bench(
         )
 
 
-def _gpus() -> List[Dict[str, Any]]:
+def _gpus() -> list[dict[str, Any]]:
     """The GPUs this build sees (:func:`pyllama_ernie.system.devices` entries)."""
     from .system import devices
 

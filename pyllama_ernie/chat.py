@@ -33,9 +33,10 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any
 
 from .errors import ImageError
 from .values import IMAGE_MARKER, VIDEO_MARKER, Completion
@@ -99,7 +100,7 @@ def _compile(template: str) -> Any:
     return env.from_string(template)
 
 
-def render_template(template: str, messages: Sequence[Dict[str, Any]], *, add_generation_prompt: bool = True,
+def render_template(template: str, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
                     bos_token: str = "", eos_token: str = "", **kwargs: Any) -> str:
     """Render a chat template as transformers' ``apply_chat_template(..., tokenize=False)`` does.
 
@@ -151,8 +152,8 @@ def _image_from_url(url: str, allow_remote: bool) -> Any:
     return os.path.expanduser(url)
 
 
-def prepare_chat(messages: Sequence[Dict[str, Any]], allow_remote: bool = False
-                 ) -> Tuple[List[Dict[str, Any]], List[Any], List[Any]]:
+def prepare_chat(messages: Sequence[dict[str, Any]], allow_remote: bool = False
+                 ) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
     """Check OpenAI-style messages; return (messages for the template, images, videos).
 
     The template sees plain data only: text parts as given, media parts reduced
@@ -160,9 +161,9 @@ def prepare_chat(messages: Sequence[Dict[str, Any]], allow_remote: bool = False
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    out: List[Dict[str, Any]] = []
-    images: List[Any] = []
-    videos: List[Any] = []
+    out: list[dict[str, Any]] = []
+    images: list[Any] = []
+    videos: list[Any] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
             raise ValueError(f"message {i} must be a dict with a string 'role'")
@@ -245,9 +246,9 @@ class ThinkSplitter:
         self.buf = ""
         self.strip_next = False
 
-    def feed(self, piece: str) -> List[Tuple[str, str]]:
+    def feed(self, piece: str) -> list[tuple[str, str]]:
         self.buf += piece
-        out: List[Tuple[str, str]] = []
+        out: list[tuple[str, str]] = []
         while self.buf:
             if not self.started:
                 stripped = self.buf.lstrip()
@@ -281,7 +282,7 @@ class ThinkSplitter:
             self.buf = ""
         return out
 
-    def flush(self) -> List[Tuple[str, str]]:
+    def flush(self) -> list[tuple[str, str]]:
         rest, self.buf = self.buf, ""
         if not rest:
             return []
@@ -306,11 +307,11 @@ def now() -> int:
     return int(time.time())
 
 
-def chunks(model_name: str, pieces: Iterator[Any], thinking: bool) -> Iterator[Dict[str, Any]]:
+def chunks(model_name: str, pieces: Iterator[Any], thinking: bool) -> Iterator[dict[str, Any]]:
     """OpenAI ``chat.completion.chunk`` dicts for a stream of pieces ending with a Completion."""
     cid, created = completion_id(), now()
 
-    def chunk(delta: Dict[str, Any], finish: Optional[str] = None, **extra: Any) -> Dict[str, Any]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
         c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_name,
              "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         c.update(extra)
@@ -328,7 +329,7 @@ def chunks(model_name: str, pieces: Iterator[Any], thinking: bool) -> Iterator[D
             yield chunk({field: text})
 
 
-def completion(model_name: str, result: Completion, thinking: bool) -> Dict[str, Any]:
+def completion(model_name: str, result: Completion, thinking: bool) -> dict[str, Any]:
     """The OpenAI ``chat.completion`` dict for a whole answer."""
     return {
         "id": completion_id(),
@@ -340,19 +341,19 @@ def completion(model_name: str, result: Completion, thinking: bool) -> Dict[str,
     }
 
 
-def message(text: str, thinking: bool) -> Dict[str, Any]:
+def message(text: str, thinking: bool) -> dict[str, Any]:
     """The assistant message for a whole answer (reasoning split off)."""
     split = ThinkSplitter(thinking)
     parts = split.feed(text) + split.flush()
     content = "".join(t for f, t in parts if f == "content")
     reasoning = "".join(t for f, t in parts if f == "reasoning_content")
-    msg: Dict[str, Any] = {"role": "assistant", "content": content}
+    msg: dict[str, Any] = {"role": "assistant", "content": content}
     if reasoning or thinking:
         msg["reasoning_content"] = reasoning
     return msg
 
 
-def usage(c: Completion) -> Dict[str, Any]:
+def usage(c: Completion) -> dict[str, Any]:
     """OpenAI usage for a Completion, with our cache counters."""
     return {
         "prompt_tokens": c.prompt_tokens,

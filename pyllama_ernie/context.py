@@ -21,7 +21,8 @@ import codecs
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -98,22 +99,22 @@ class Context(_lib.CResource):
     """
 
     def __init__(self, model: ModelHandle, vocab: Vocab, params: ContextParams = ContextParams(), *,
-                 observe_nodes: Optional[Callable[[str, str, tuple, bool, str], None]] = None) -> None:
+                 observe_nodes: Callable[[str, str, tuple, bool, str], None] | None = None) -> None:
         self._ptr = None
         self._batch = None
-        self._model: Optional[ModelHandle] = None  # set while this context borrows the model
+        self._model: ModelHandle | None = None  # set while this context borrows the model
         # call state, guarded by _cond: the thread holding the context (a call or an
         # open stream), whether that call is running (False while a stream is
         # paused at a yield) and whether close() has begun
         self._cond = threading.Condition(threading.Lock())
-        self._owner: Optional[int] = None
+        self._owner: int | None = None
         self._running = False
         self._closing = False
         self._abort = ffi.new("int *", 0)
         # what the KV cache holds: one key per position (token id, or (chunk key, row)),
         # and the rope position that follows each
-        self._keys: List[Any] = []
-        self._next: List[int] = []
+        self._keys: list[Any] = []
+        self._next: list[int] = []
         self._ebatch = None
         params.validate()
         self.params = params
@@ -315,7 +316,7 @@ class Context(_lib.CResource):
             self._ebatch = eb
         return self._ebatch
 
-    def _decode(self, units: Sequence[Any], start: int, logits_out: Optional[List[np.ndarray]] = None) -> None:
+    def _decode(self, units: Sequence[Any], start: int, logits_out: list[np.ndarray] | None = None) -> None:
         """Decode ``units[start:]`` (token ids and (Embeddings, row) pairs) in batches of n_batch.
 
         With ``logits_out`` every position's logits are appended to it (one array
@@ -381,9 +382,9 @@ class Context(_lib.CResource):
             raise DecodeError("decoding was cancelled", code=rc)
         errors.raise_error(DecodeError, "llama_decode", rc)
 
-    def _units(self, prompt: Sequence[Any]) -> List[Any]:
+    def _units(self, prompt: Sequence[Any]) -> list[Any]:
         """Flatten a prompt (token ids and :class:`Embeddings`) into per-position units."""
-        units: List[Any] = []
+        units: list[Any] = []
         n_embd = None
         for part in prompt:
             if isinstance(part, Embeddings):
@@ -441,7 +442,7 @@ class Context(_lib.CResource):
             if len(units) > self.n_ctx:
                 raise PromptTooLongError(f"{len(units)} positions do not fit in a context of {self.n_ctx}")
             self._clear()
-            chunks: List[np.ndarray] = []
+            chunks: list[np.ndarray] = []
             self._decode(units, 0, chunks)
             return chunks[0] if len(chunks) == 1 else np.concatenate(chunks, axis=0)
 
@@ -453,9 +454,9 @@ class Context(_lib.CResource):
         sampling: SamplingParams,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
-        cancel: Optional[threading.Event] = None,
+        cancel: threading.Event | None = None,
         stream: bool = True,
-    ) -> Iterator[Union[str, Completion]]:
+    ) -> Iterator[str | Completion]:
         """The decode loop: yields text pieces, then one final :class:`Completion`.
 
         Pieces never split a UTF-8 character and never contain (part of) a stop string.
@@ -480,7 +481,7 @@ class Context(_lib.CResource):
             # Nobody looks at the text before the end (no stream, no stop strings): detokenize
             # once after the loop, not between two decodes.
             out = _TextOut(vocab, stop, at_end=not stream and not stop)
-            out_tokens: List[int] = []
+            out_tokens: list[int] = []
             finish = "length"
             try:
                 picker.accept_prompt(units)
@@ -600,9 +601,9 @@ class _TextOut:
         self._partial = False  # the decoder holds the first bytes of a character
         self._buf = ffi.new("char[]", 256)
         self._held = ""
-        self._parts: List[str] = []
+        self._parts: list[str] = []
         #: the stop string that ended generation, once one appeared
-        self.stop_hit: Optional[str] = None
+        self.stop_hit: str | None = None
 
     @property
     def text(self) -> str:
@@ -657,7 +658,7 @@ class _TextOut:
         return text
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> Optional[tuple]:
+def _find_stop(text: str, stops: Sequence[str]) -> tuple | None:
     best = None
     for s in stops:
         i = text.find(s)

@@ -7,7 +7,7 @@ llama.cpp (or mtmd) logged before the failure, which usually says why.
 from __future__ import annotations
 
 import threading
-from typing import NoReturn, Optional
+from typing import NoReturn
 
 __all__ = [
     "ErnieError",
@@ -29,7 +29,7 @@ __all__ = [
 class ErnieError(Exception):
     """Base class of every error raised by pyllama_ernie."""
 
-    def __init__(self, message: str, *, llama_log: Optional[str] = None) -> None:
+    def __init__(self, message: str, *, llama_log: str | None = None) -> None:
         self.llama_log = llama_log if llama_log is not None else last_log_line()
         full = message
         if self.llama_log and self.llama_log not in message:
@@ -53,7 +53,7 @@ class ContextError(ErnieError):
 class _NotFromLlama:
     """Mixin: the error is the package's own, so it carries no llama.cpp log line by default."""
 
-    def __init__(self, message: str, *, llama_log: Optional[str] = "", **kw: object) -> None:
+    def __init__(self, message: str, *, llama_log: str | None = "", **kw: object) -> None:
         super().__init__(message, llama_log=llama_log, **kw)  # type: ignore[call-arg]
 
 
@@ -68,7 +68,7 @@ class BusyError(_NotFromLlama, ContextError):
 class DecodeError(ErnieError):
     """``llama_decode`` failed. ``code`` is its return value."""
 
-    def __init__(self, message: str, *, code: int = 0, llama_log: Optional[str] = None) -> None:
+    def __init__(self, message: str, *, code: int = 0, llama_log: str | None = None) -> None:
         super().__init__(message, llama_log=llama_log)
         self.code = code
 
@@ -88,7 +88,7 @@ class QuantizeError(ErnieError):
 class ImageError(ErnieError, ValueError):
     """An image (or video frame) could not be read, or is not one the model can take."""
 
-    def __init__(self, message: str, *, llama_log: Optional[str] = "") -> None:
+    def __init__(self, message: str, *, llama_log: str | None = "") -> None:
         super().__init__(message, llama_log=llama_log)
 
 
@@ -114,7 +114,7 @@ def note_log_line(line: str, is_error: bool = False) -> None:
     _last_global[0] = line
 
 
-def last_log_line() -> Optional[str]:
+def last_log_line() -> str | None:
     """The first error llama.cpp logged in this thread since the call began, else its last warning."""
     return getattr(_last, "first_error", None) or getattr(_last, "line", None) or _last_global[0]
 
@@ -133,7 +133,7 @@ _DECODE_MEANING = {
 }
 
 
-def raise_error(kind: type, what: str, code: Optional[int] = None) -> NoReturn:
+def raise_error(kind: type, what: str, code: int | None = None) -> NoReturn:
     """Raise ``kind`` for a failed C call ``what`` that returned ``code``."""
     if kind is DecodeError or (isinstance(kind, type) and issubclass(kind, DecodeError)):
         meaning = _DECODE_MEANING.get(code if code is not None else 0, "fatal error")

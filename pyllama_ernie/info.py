@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import os
-from typing import Any, Dict, Union
+from typing import Any
 
 from .gguf_check import validate_gguf
 
@@ -16,12 +16,12 @@ def _plain(v: Any) -> Any:
     return v.tolist() if hasattr(v, "tolist") else v
 
 
-def gguf_summary(path: Union[str, "os.PathLike[str]"]) -> Dict[str, Any]:
+def gguf_summary(path: str | "os.PathLike[str]") -> dict[str, Any]:
     """Architecture, sizes, tensor types and chat-template presence of a GGUF file."""
     s = validate_gguf(path, role="auto")
     arch = s.get("general.architecture") or "unknown"
     types = collections.Counter(t.type_name for t in s.tensors.values())
-    out: Dict[str, Any] = {
+    out: dict[str, Any] = {
         "file": str(s.path),
         "file_size": s.file_size,
         "architecture": arch,

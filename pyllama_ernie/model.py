@@ -16,8 +16,9 @@ import dataclasses
 import os
 import threading
 import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 
@@ -46,16 +47,16 @@ class _Request:
 
     sampling: SamplingParams
     max_tokens: int
-    stop: Tuple[str, ...] = ()
+    stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    images: Tuple[Any, ...] = ()
-    videos: Tuple[Any, ...] = ()
-    cancel: Optional[threading.Event] = None
+    images: tuple[Any, ...] = ()
+    videos: tuple[Any, ...] = ()
+    cancel: threading.Event | None = None
     add_special: bool = True
 
     @classmethod
-    def make(cls, default_seed: Optional[int], *, max_tokens: int, temperature: float, top_k: int, top_p: float,
-             min_p: float, repeat_penalty: float, seed: Optional[int], stop: Union[str, Sequence[str], None],
+    def make(cls, default_seed: int | None, *, max_tokens: int, temperature: float, top_k: int, top_p: float,
+             min_p: float, repeat_penalty: float, seed: int | None, stop: str | Sequence[str] | None,
              **rest: Any) -> "_Request":
         sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                   repeat_penalty=repeat_penalty, seed=default_seed if seed is None else seed)
@@ -108,30 +109,30 @@ class Model(_lib.CResource):
         *,
         n_ctx: int = 4096,
         n_batch: int = 512,
-        n_ubatch: Optional[int] = None,
-        n_threads: Optional[int] = None,
+        n_ubatch: int | None = None,
+        n_threads: int | None = None,
         n_gpu_layers: int = 0,
-        seed: Optional[int] = None,
-        flash_attn: Optional[bool] = None,
+        seed: int | None = None,
+        flash_attn: bool | None = None,
         kv_cache_type: str = "f16",
         use_mmap: bool = True,
-        progress: Optional[Callable[[float], Optional[bool]]] = None,
-        mmproj_path: Optional[PathLike] = None,
+        progress: Callable[[float], bool | None] | None = None,
+        mmproj_path: PathLike | None = None,
         main_gpu: int = 0,
-        tensor_split: Optional[Sequence[float]] = None,
+        tensor_split: Sequence[float] | None = None,
         split_mode: str = "layer",
-        cpu_moe: Union[bool, int] = False,
-        mmproj_gpu: Optional[bool] = None,
+        cpu_moe: bool | int = False,
+        mmproj_gpu: bool | None = None,
     ) -> None:
-        self._model: Optional[ModelHandle] = None
+        self._model: ModelHandle | None = None
         # guards _closing and _contexts; close() runs once at a time
         self._lock = threading.Lock()
         self._close_lock = threading.RLock()
         self._closing = False
         self._contexts: "weakref.WeakSet[Context]" = weakref.WeakSet()
-        self._default_ctx: Optional[Context] = None
+        self._default_ctx: Context | None = None
         #: the vision projector (None without ``mmproj_path``)
-        self.projector: Optional[Projector] = None
+        self.projector: Projector | None = None
         summary = validate_gguf(model_path, role="model")
         self.path = summary.path
         self.seed = seed
@@ -171,7 +172,7 @@ class Model(_lib.CResource):
             raise ClosedError("the model is closed")
         return self._model.ptr
 
-    def _open_context(self, params: ContextParams, observe_nodes: Optional[Callable[..., None]] = None) -> Context:
+    def _open_context(self, params: ContextParams, observe_nodes: Callable[..., None] | None = None) -> Context:
         if self._model is None:
             raise ClosedError("the model is closed")
         ctx = Context(self._model, self.vocab, params, observe_nodes=observe_nodes)
@@ -201,7 +202,7 @@ class Model(_lib.CResource):
                 contexts.append(self._default_ctx)
             for ctx in contexts:  # stop them all first, then wait for each
                 ctx.shutdown()
-            busy: Optional[BaseException] = None
+            busy: BaseException | None = None
             for ctx in contexts:
                 try:
                     ctx.close()
@@ -228,7 +229,7 @@ class Model(_lib.CResource):
         state = "closed" if self.closed else self.description
         return f"<pyllama_ernie.Model {self.path.name!r} {state}>"
 
-    def context(self, *, observe_nodes: Optional[Callable[[str, str, tuple, bool, str], None]] = None,
+    def context(self, *, observe_nodes: Callable[[str, str, tuple, bool, str], None] | None = None,
                 **overrides: Any) -> Context:
         """A new, independent context (its own KV cache) over this model.
 
@@ -270,10 +271,10 @@ class Model(_lib.CResource):
         return self.ctx.n_ctx
 
     @property
-    def metadata(self) -> Dict[str, str]:
+    def metadata(self) -> dict[str, str]:
         """The GGUF key/value metadata as strings (arrays are summarised by llama.cpp)."""
         ptr = self._handle()
-        out: Dict[str, str] = {}
+        out: dict[str, str] = {}
         buf = ffi.new("char[]", 4096)
         for i in range(lib.llama_model_meta_count(ptr)):
             if lib.llama_model_meta_key_by_index(ptr, i, buf, 4096) < 0:
@@ -289,7 +290,7 @@ class Model(_lib.CResource):
         return out
 
     @property
-    def chat_template(self) -> Optional[str]:
+    def chat_template(self) -> str | None:
         """The chat template stored in the GGUF, if any."""
         p = lib.llama_model_chat_template(self._handle(), ffi.NULL)
         return None if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")
@@ -310,7 +311,7 @@ class Model(_lib.CResource):
         return self.vocab.add_bos
 
     @property
-    def eog_tokens(self) -> List[int]:
+    def eog_tokens(self) -> list[int]:
         """The end-of-generation token ids (EOS, EOT, ...)."""
         return self.vocab.eog_tokens
 
@@ -318,7 +319,7 @@ class Model(_lib.CResource):
         """Whether ``token`` ends generation (EOS, EOT, ...)."""
         return self.vocab.is_eog(token)
 
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> List[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of ``text``.
 
         ``add_special`` adds BOS (and EOS) as the model's metadata asks;
@@ -339,13 +340,13 @@ class Model(_lib.CResource):
         return self.vocab.token_embeddings(tokens)
 
     def _prompt(self, prompt: Prompt, images: Sequence[Any] = (), videos: Sequence[Any] = (),
-                add_special: bool = True) -> "tuple[List[Any], int]":
+                add_special: bool = True) -> "tuple[list[Any], int]":
         """(token ids and Embeddings, images and videos encoded for it)."""
         if images or videos:
             return multimodal_prompt(self.vocab, self._projector(), prompt, list(images), list(videos),
                                      self.ctx.n_ctx, add_special=add_special)
         if isinstance(prompt, str):
-            toks: List[Any] = self.vocab.tokenize(prompt, add_special=add_special)
+            toks: list[Any] = self.vocab.tokenize(prompt, add_special=add_special)
         elif isinstance(prompt, (bytes, bytearray)):
             raise TypeError("prompt must be str or a sequence of token ids, not bytes")
         elif any(isinstance(p, Embeddings) for p in prompt):
@@ -388,8 +389,8 @@ class Model(_lib.CResource):
 
     # --- evaluation -----------------------------------------------------
 
-    def logits(self, prompt: Prompt, *, images: Optional[Sequence[Any]] = None,
-               videos: Optional[Sequence[Any]] = None) -> np.ndarray:
+    def logits(self, prompt: Prompt, *, images: Sequence[Any] | None = None,
+               videos: Sequence[Any] | None = None) -> np.ndarray:
         """Logits at every position of ``prompt`` (str, tokenized with BOS, or token ids).
 
         Returns a float32 array of shape ``(n_positions, n_vocab)``; row i scores
@@ -409,12 +410,12 @@ class Model(_lib.CResource):
         top_p: float = 0.95,
         min_p: float = 0.05,
         repeat_penalty: float = 1.0,
-        seed: Optional[int] = None,
-        stop: Union[str, Sequence[str], None] = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
-        images: Optional[Sequence[Any]] = None,
-        videos: Optional[Sequence[Any]] = None,
-        cancel: Optional[threading.Event] = None,
+        images: Sequence[Any] | None = None,
+        videos: Sequence[Any] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[str]:
         """Generate from ``prompt``, yielding text pieces as they are produced.
 
@@ -443,12 +444,12 @@ class Model(_lib.CResource):
         top_p: float = 0.95,
         min_p: float = 0.05,
         repeat_penalty: float = 1.0,
-        seed: Optional[int] = None,
-        stop: Union[str, Sequence[str], None] = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
         ignore_eos: bool = False,
-        images: Optional[Sequence[Any]] = None,
-        videos: Optional[Sequence[Any]] = None,
-        cancel: Optional[threading.Event] = None,
+        images: Sequence[Any] | None = None,
+        videos: Sequence[Any] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Completion:
         """Generate a completion of ``prompt``.
 
@@ -476,7 +477,7 @@ class Model(_lib.CResource):
                             images=images, videos=videos, cancel=cancel)
         return _last(self._run(prompt, req, stream=False))
 
-    def _run(self, prompt: Prompt, req: _Request, stream: bool) -> Iterator[Union[str, Completion]]:
+    def _run(self, prompt: Prompt, req: _Request, stream: bool) -> Iterator[str | Completion]:
         """Check and build the prompt now; return the generator of pieces and the final Completion."""
         tokens, n_encoded = self._prompt(prompt, req.images, req.videos, add_special=req.add_special)
         ctx = self.ctx
@@ -487,7 +488,7 @@ class Model(_lib.CResource):
         gen = ctx.generate_tokens(tokens, max_tokens=req.max_tokens, sampling=req.sampling, stop=req.stop,
                                   ignore_eos=req.ignore_eos, cancel=req.cancel, stream=stream)
 
-        def counted() -> Iterator[Union[str, Completion]]:
+        def counted() -> Iterator[str | Completion]:
             for item in gen:
                 if isinstance(item, Completion):
                     item.images_encoded = n_encoded
@@ -509,8 +510,8 @@ class Model(_lib.CResource):
 
     # --- chat -----------------------------------------------------------
 
-    def apply_chat_template(self, messages: Sequence[Dict[str, Any]], *, add_generation_prompt: bool = True,
-                            enable_thinking: Optional[bool] = None, chat_template: Optional[str] = None,
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+                            enable_thinking: bool | None = None, chat_template: str | None = None,
                             **template_kwargs: Any) -> str:
         """The prompt text the chat template makes of ``messages``, images as ``IMAGE_MARKER``.
 
@@ -521,9 +522,9 @@ class Model(_lib.CResource):
         return self._render_chat(messages, add_generation_prompt, enable_thinking, chat_template,
                                  False, template_kwargs)[0]
 
-    def _render_chat(self, messages: Sequence[Dict[str, Any]], add_generation_prompt: bool,
-                     enable_thinking: Optional[bool], chat_template: Optional[str], allow_remote: bool,
-                     template_kwargs: Dict[str, Any]) -> "tuple[str, List[Any], List[Any]]":
+    def _render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+                     enable_thinking: bool | None, chat_template: str | None, allow_remote: bool,
+                     template_kwargs: dict[str, Any]) -> "tuple[str, list[Any], list[Any]]":
         template = chat_template if chat_template is not None else self.chat_template
         if not template:
             raise ValueError("this model has no chat template; pass chat_template=... or use generate()")
@@ -538,7 +539,7 @@ class Model(_lib.CResource):
 
     def create_chat_completion(
         self,
-        messages: Sequence[Dict[str, Any]],
+        messages: Sequence[dict[str, Any]],
         *,
         stream: bool = False,
         max_tokens: int = 512,
@@ -547,14 +548,14 @@ class Model(_lib.CResource):
         top_k: int = 40,
         min_p: float = 0.05,
         repeat_penalty: float = 1.0,
-        stop: Union[str, Sequence[str], None] = None,
-        seed: Optional[int] = None,
-        enable_thinking: Optional[bool] = None,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        enable_thinking: bool | None = None,
         allow_remote: bool = False,
-        chat_template: Optional[str] = None,
-        cancel: Optional[threading.Event] = None,
+        chat_template: str | None = None,
+        cancel: threading.Event | None = None,
         **template_kwargs: Any,
-    ) -> Union[Dict[str, Any], Iterator[Dict[str, Any]]]:
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Answer OpenAI-format ``messages``; returns an OpenAI ``chat.completion`` dict.
 
         With ``stream=True`` returns an iterator of ``chat.completion.chunk``
@@ -589,9 +590,9 @@ class Model(_lib.CResource):
         return chat.completion(self.path.name, _last(gen), thinking)
 
 
-def _last(gen: Iterator[Union[str, Completion]]) -> Completion:
+def _last(gen: Iterator[str | Completion]) -> Completion:
     """Run a generation to its end; its Completion."""
-    result: Optional[Completion] = None
+    result: Completion | None = None
     for item in gen:
         if isinstance(item, Completion):
             result = item

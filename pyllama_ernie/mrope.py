@@ -10,8 +10,6 @@ after it is still ``cur + max(grid_h, grid_w)``.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import numpy as np
 
 from .values import Embeddings
@@ -19,7 +17,7 @@ from .values import Embeddings
 __all__ = ["image_positions", "image_embeddings"]
 
 
-def image_positions(pos0: int, grid_h: int, grid_w: int, n_frames: int = 1) -> Tuple[np.ndarray, int]:
+def image_positions(pos0: int, grid_h: int, grid_w: int, n_frames: int = 1) -> tuple[np.ndarray, int]:
     """Rows ``(t, h, w)`` for a ``grid_h x grid_w`` image (or ``n_frames`` of them: a video) at ``pos0``,
     and the next position."""
     if grid_h <= 0 or grid_w <= 0 or n_frames <= 0:
@@ -32,7 +30,7 @@ def image_positions(pos0: int, grid_h: int, grid_w: int, n_frames: int = 1) -> T
 
 
 def image_embeddings(features: np.ndarray, grid_h: int, grid_w: int, pos0: int,
-                     start: Optional[np.ndarray] = None, end: Optional[np.ndarray] = None,
+                     start: np.ndarray | None = None, end: np.ndarray | None = None,
                      n_frames: int = 1) -> Embeddings:
     """One :class:`Embeddings` run: ``[start] + image features + [end]`` at ``pos0``.
 

@@ -16,7 +16,8 @@ This floor takes a :class:`~pyllama_ernie.vocab.Vocab` and a
 from __future__ import annotations
 
 import re
-from typing import Any, List, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import PromptTooLongError, TokenizeError
 from .mrope import image_embeddings
@@ -36,7 +37,7 @@ _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 
 def multimodal_prompt(vocab: Vocab, projector: Projector, prompt: str, images: Sequence[Any],
                       videos: Sequence[Any], n_ctx: int,
-                      add_special: bool = True) -> Tuple[List[Union[int, Embeddings]], int]:
+                      add_special: bool = True) -> tuple[list[int | Embeddings], int]:
     """Token ids and :class:`Embeddings` for ``prompt`` with its images and videos in place.
 
     Returns the prompt and how many images and videos went through the encoder
@@ -68,7 +69,7 @@ def multimodal_prompt(vocab: Vocab, projector: Projector, prompt: str, images: S
             "(use a larger n_ctx, smaller images, or a lower max_pixels)", llama_log="")
 
     start_end = {k: vocab.token_embeddings(list(v)) for k, v in ids.items()}
-    out: List[Union[int, Embeddings]] = []
+    out: list[int | Embeddings] = []
     pos = 0
     prev = 0
     n_encoded = 0
@@ -86,9 +87,9 @@ def multimodal_prompt(vocab: Vocab, projector: Projector, prompt: str, images: S
     return out, n_encoded
 
 
-def _media_slots(tokens: Sequence[int], media: Sequence[Media], ids: dict) -> List[int]:
+def _media_slots(tokens: Sequence[int], media: Sequence[Media], ids: dict) -> list[int]:
     """Where each run goes: a start token directly followed by its end token, in order."""
-    slots: List[int] = []
+    slots: list[int] = []
     j = 0
     for i in range(len(tokens) - 1):
         if j < len(media) and (tokens[i], tokens[i + 1]) == ids[media[j].kind]:

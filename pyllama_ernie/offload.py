@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 from . import _lib
 from ._lib import ffi, lib, logger
@@ -33,7 +34,7 @@ SPLIT_MODES = {
 EXPERT_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 
 
-def gpu_devices() -> List[Any]:
+def gpu_devices() -> list[Any]:
     """The ggml devices this build can offload to (GPUs and integrated GPUs), in order."""
     _lib.ensure_init()
     out = []
@@ -58,9 +59,9 @@ class OffloadPlan:
         *,
         n_gpu_layers: int = 0,
         main_gpu: int = 0,
-        tensor_split: Optional[Sequence[float]] = None,
+        tensor_split: Sequence[float] | None = None,
         split_mode: str = "layer",
-        cpu_moe: Union[bool, int] = False,
+        cpu_moe: bool | int = False,
     ) -> None:
         if isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int):
             raise TypeError("n_gpu_layers must be an int (-1 = all layers)")
@@ -76,7 +77,7 @@ class OffloadPlan:
                              f"on the CPU (>= 0), not {cpu_moe!r}")
         if isinstance(main_gpu, bool) or not isinstance(main_gpu, int) or main_gpu < 0:
             raise ValueError(f"main_gpu must be a GPU index >= 0, not {main_gpu!r}")
-        split: Optional[List[float]] = None
+        split: list[float] | None = None
         if tensor_split is not None:
             split = [float(x) for x in tensor_split]
             if not split or any(not math.isfinite(x) or x < 0 for x in split) or sum(split) <= 0:
@@ -102,7 +103,7 @@ class OffloadPlan:
         self.tensor_split = split
         self.n_cpu_moe = n_cpu_moe  # -1: all layers
         self.patterns = expert_patterns(n_cpu_moe)
-        self._keep: List[Any] = []
+        self._keep: list[Any] = []
 
     @property
     def uses_gpu(self) -> bool:
@@ -114,7 +115,7 @@ class OffloadPlan:
         params.n_gpu_layers = self.n_gpu_layers
         params.main_gpu = self.main_gpu
         params.split_mode = SPLIT_MODES[self.split_mode]
-        keep: List[Any] = []
+        keep: list[Any] = []
         if self.tensor_split is not None:
             arr = ffi.new("float[]", max(len(self.tensor_split), int(lib.llama_max_devices())))
             for i, x in enumerate(self.tensor_split):
@@ -135,7 +136,7 @@ class OffloadPlan:
         self._keep = keep
 
 
-def expert_patterns(n_cpu_moe: int) -> List[str]:
+def expert_patterns(n_cpu_moe: int) -> list[str]:
     """The tensor-name regexes whose weights stay in CPU memory: all experts (-1),
     none (0), or those of the first ``n_cpu_moe`` layers."""
     if n_cpu_moe < 0:

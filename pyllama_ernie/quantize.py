@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 from . import _lib, errors
 from ._lib import lib
@@ -26,7 +25,7 @@ QUANT_TYPES = {
 }
 
 
-def quantize(src: Union[str, "os.PathLike[str]"], dst: Union[str, "os.PathLike[str]"], qtype: str,
+def quantize(src: str | "os.PathLike[str]", dst: str | "os.PathLike[str]", qtype: str,
              *, n_threads: int = 0) -> Path:
     """Write ``dst``, a copy of GGUF ``src`` quantized to ``qtype`` (e.g. ``"Q4_K_M"``).
 

@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 
@@ -44,7 +44,7 @@ def _rope_norm(x: np.ndarray, pos: np.ndarray, base: float) -> np.ndarray:
     return out
 
 
-def _rope_multi(x: np.ndarray, pos: np.ndarray, base: float, sections: List[int], factors: np.ndarray) -> np.ndarray:
+def _rope_multi(x: np.ndarray, pos: np.ndarray, base: float, sections: list[int], factors: np.ndarray) -> np.ndarray:
     """ggml's M-RoPE: NEOX pairs (p, p + D/2); pair p takes the position row of its section
     (rows t, h, w) and the frequency base^(-2p/D) / factors[p]. x: [T, H, D], pos: [3, T]."""
     d = x.shape[-1]
@@ -61,8 +61,8 @@ def _silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def numpy_forward(gguf_path: Path, tokens: List[int], embeddings: Optional[np.ndarray] = None,
-                  positions: Optional[np.ndarray] = None) -> np.ndarray:
+def numpy_forward(gguf_path: Path, tokens: list[int], embeddings: np.ndarray | None = None,
+                  positions: np.ndarray | None = None) -> np.ndarray:
     """Logits of an f32 ``ernie4_5`` / ``ernie4_5-moe`` / ``ernie4_5-vl-moe`` GGUF, in float64.
 
     With ``embeddings`` (rows in place of ``tokens``) and ``positions`` (``[3, T]``
@@ -74,7 +74,7 @@ def numpy_forward(gguf_path: Path, tokens: List[int], embeddings: Optional[np.nd
     summary = validate_gguf(gguf_path, role="model")
     arch = str(summary.architecture)
 
-    def kv(key: str, default: Optional[float] = None) -> Any:
+    def kv(key: str, default: float | None = None) -> Any:
         v = summary.get(f"{arch}.{key}")
         if v is None:
             if default is None:
@@ -82,7 +82,7 @@ def numpy_forward(gguf_path: Path, tokens: List[int], embeddings: Optional[np.nd
             return default
         return v
 
-    W: Dict[str, np.ndarray] = {name: summary.read_tensor(name).astype(np.float64) for name in summary.tensors}
+    W: dict[str, np.ndarray] = {name: summary.read_tensor(name).astype(np.float64) for name in summary.tensors}
     n_layer = int(kv("block_count"))
     n_head, n_head_kv = int(kv("attention.head_count")), int(kv("attention.head_count_kv"))
     eps, base = float(kv("attention.layer_norm_rms_epsilon")), float(kv("rope.freq_base"))
@@ -155,7 +155,7 @@ class CheckResult:
     tokens_per_second: float
 
 
-def _devices() -> List[tuple]:
+def _devices() -> list[tuple]:
     from .system import devices
 
     out = [("CPU", 0)]
@@ -207,8 +207,8 @@ def check_one(path: Path, arch: str, device: str, n_gpu_layers: int) -> CheckRes
             err = float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-9))
             if arch == "ernie4_5-vl-moe":
                 # an image-like embedding run: vision experts and 3-D positions
-                from .values import Embeddings
                 from .mrope import image_positions
+                from .values import Embeddings
 
                 rows = np.random.default_rng(0).standard_normal((6, m.n_embd)).astype(np.float32)
                 pos, nxt = image_positions(0, 2, 3)
@@ -250,7 +250,7 @@ def check_one(path: Path, arch: str, device: str, n_gpu_layers: int) -> CheckRes
 
 
 def run_selfcheck(verbose: bool = False, out: TextIO = sys.stdout,
-                  write_model: Optional[Callable[[str, Path], Path]] = None) -> bool:
+                  write_model: Callable[[str, Path], Path] | None = None) -> bool:
     """Run the self-check, print a table, return True when everything passed."""
     from ._version import __version__
     from .convert.synthetic import write_tiny_gguf

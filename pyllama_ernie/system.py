@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from . import _lib
 from ._lib import c_str, ffi, lib
@@ -18,13 +18,13 @@ _DEV_TYPES = {
 }
 
 
-def backends() -> List[str]:
+def backends() -> list[str]:
     """Names of the compiled (registered) ggml backends, e.g. ``["CPU"]`` or ``["CUDA", "CPU"]``."""
     _lib.ensure_init()
     return _lib.backend_names()
 
 
-def cpu_variant() -> Optional[str]:
+def cpu_variant() -> str | None:
     """The CPU backend variant this process runs, e.g. ``"zen4"`` (AVX-512 with VNNI and BF16).
 
     x86-64 builds compile ggml's CPU backend once per instruction-set level and load the
@@ -46,7 +46,7 @@ def cpu_variant() -> Optional[str]:
     return found.pop() if len(found) == 1 else None
 
 
-def devices() -> List[Dict[str, Any]]:
+def devices() -> list[dict[str, Any]]:
     """The devices ggml can run on, with their memory."""
     _lib.ensure_init()
     out = []
@@ -64,15 +64,15 @@ def devices() -> List[Dict[str, Any]]:
     return out
 
 
-def system_info() -> Dict[str, Any]:
+def system_info() -> dict[str, Any]:
     """A dictionary describing this build: versions, llama.cpp base, patches, backends, CPU features."""
-    from ._version import __version__
     from . import _build_info as bi
+    from ._version import __version__
 
     _lib.ensure_init()
     raw = c_str(lib.llama_print_system_info())
     # "CPU : SSE3 = 1 | AVX2 = 1 | ... | CUDA : ARCHS = 900 | ..."
-    features: Dict[str, Dict[str, str]] = {}
+    features: dict[str, dict[str, str]] = {}
     current = ""
     for section in raw.split("|"):
         if ":" in section:
@@ -107,7 +107,7 @@ def system_info() -> Dict[str, Any]:
     }
 
 
-def _no_gpu_reason(bi: Any) -> Optional[str]:
+def _no_gpu_reason(bi: Any) -> str | None:
     from . import offload
 
     if not bi.GGML_CUDA or offload.gpu_devices():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class Completion:
     """The result of :meth:`Model.generate`."""
 
     text: str
-    tokens: List[int]
+    tokens: list[int]
     #: "stop" (end-of-generation token or stop string), "length" or "cancelled"
     finish_reason: str
     prompt_tokens: int
@@ -57,7 +57,7 @@ class Completion:
     prompt_tokens_evaluated: int
     timings: Timings
     #: the stop string that ended generation, if any
-    stop: Optional[str] = field(default=None)
+    stop: str | None = field(default=None)
     #: images and videos run through the vision encoder for this call (the rest came from the cache)
     images_encoded: int = 0
 
@@ -72,7 +72,7 @@ class SamplingParams:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
-    seed: Optional[int] = None
+    seed: int | None = None
 
     def validate(self) -> None:
         if self.top_k < 0:
@@ -107,7 +107,7 @@ class Embeddings:
 
     __slots__ = ("data", "positions", "next_pos", "key", "n")
 
-    def __init__(self, data: Any, positions: Any, next_pos: Optional[int] = None) -> None:
+    def __init__(self, data: Any, positions: Any, next_pos: int | None = None) -> None:
         arr = np.ascontiguousarray(data, dtype=np.float32)
         if arr.ndim != 2 or arr.shape[0] == 0:
             raise ValueError("embeddings must be a non-empty 2-D array (n_positions, n_embd)")
@@ -159,10 +159,10 @@ class ContextParams:
 
     n_ctx: int = 4096
     n_batch: int = 512
-    n_ubatch: Optional[int] = None
-    n_threads: Optional[int] = None
-    n_threads_batch: Optional[int] = None
-    flash_attn: Optional[bool] = None
+    n_ubatch: int | None = None
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    flash_attn: bool | None = None
     kv_cache_type: str = "f16"
 
     def validate(self) -> None:
@@ -197,7 +197,7 @@ class Media:
     """
 
     kind: str  # "image" or "video"
-    frames: List[np.ndarray]
+    frames: list[np.ndarray]
     grid_h: int
     grid_w: int
 

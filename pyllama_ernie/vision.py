@@ -18,9 +18,10 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def read_projector_info(path: Path) -> ProjectorInfo:
         "max_pixels": "clip.vision.image_max_pixels",
         "projection_dim": "clip.vision.projection_dim",
     }
-    got: Dict[str, int] = {}
+    got: dict[str, int] = {}
     for name, key in keys.items():
         v = summary.get(key)
         if not isinstance(v, int) or v <= 0:  # validate_gguf refuses these already
@@ -92,9 +93,9 @@ class Projector(_lib.CResource):
     cache_size = 32
 
     def __init__(self, path: "os.PathLike[str] | str", model: ModelHandle, *, n_threads: int,
-                 use_gpu: bool = False, flash_attn: Optional[bool] = None) -> None:
+                 use_gpu: bool = False, flash_attn: bool | None = None) -> None:
         self._ptr = None
-        self._model: Optional[ModelHandle] = None  # set while the projector borrows the model
+        self._model: ModelHandle | None = None  # set while the projector borrows the model
         self._lock = threading.Lock()
         self._cache: "OrderedDict[bytes, Features]" = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -174,7 +175,7 @@ class Projector(_lib.CResource):
 
     def _encode_locked(self, frames: Sequence[np.ndarray]) -> Features:
         ctx = self._handle()
-        bitmaps: List[Any] = []
+        bitmaps: list[Any] = []
         chunks = ffi.NULL
         try:
             for fr in frames:
@@ -253,7 +254,7 @@ class Projector(_lib.CResource):
                 "larger frames")
         return media
 
-    def features(self, media: Media) -> Tuple[Features, bool]:
+    def features(self, media: Media) -> tuple[Features, bool]:
         """Encode prepared media; returns the features and whether the encoder ran.
 
         The last :attr:`cache_size` results are kept by pixel content, so the same

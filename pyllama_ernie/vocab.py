@@ -7,7 +7,8 @@ and checks the handle before each use, so a closed model raises
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class Vocab:
         #: the ``llama_vocab*`` (valid while the model is; for the decode loop, which holds the model)
         self.raw = lib.llama_model_get_vocab(model.ptr)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self.raw))
-        self._eog: Optional[List[int]] = None
+        self._eog: list[int] | None = None
 
     def _ptr(self) -> Any:
         self._model.ptr  # raises ClosedError once the model is closing
@@ -65,7 +66,7 @@ class Vocab:
         return bool(lib.llama_vocab_get_add_bos(self._ptr()))
 
     @property
-    def eog_tokens(self) -> List[int]:
+    def eog_tokens(self) -> list[int]:
         """The end-of-generation token ids (EOS, EOT, ...)."""
         if self._eog is None:
             vocab = self._ptr()
@@ -92,7 +93,7 @@ class Vocab:
 
     # --- text <-> tokens --------------------------------------------------
 
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> List[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         """Token ids of ``text``.
 
         ``add_special`` adds BOS (and EOS) as the model's metadata asks;
@@ -139,7 +140,7 @@ class Vocab:
         self.check_tokens([token])
         return piece_bytes(vocab, token, ffi.new("char[]", 256), special)
 
-    def check_tokens(self, tokens: Sequence[int]) -> List[int]:
+    def check_tokens(self, tokens: Sequence[int]) -> list[int]:
         """``tokens`` as a list of ints; TokenizeError for an id outside the vocabulary."""
         toks = [int(t) for t in tokens]
         n_vocab = self.n_vocab

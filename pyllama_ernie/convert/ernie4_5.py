@@ -19,8 +19,9 @@ with a ConversionError rather than written as a file that would not load.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from itertools import chain
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Protocol
 
 import gguf
 import numpy as np

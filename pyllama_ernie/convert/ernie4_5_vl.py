@@ -35,8 +35,8 @@ and ``(i + 1) % interleave_moe_layer_step == 0``; other layouts are refused.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from itertools import chain
-from typing import Iterable
 
 import gguf
 import numpy as np

@@ -17,9 +17,10 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -115,7 +116,7 @@ class GGUFOutput:
         """(total, shared, expert, expert count) as gguf counts them for general.size_label."""
         return self.gguf.get_total_parameter_count()
 
-    def write(self, progress: Optional[ProgressFn] = None) -> Path:
+    def write(self, progress: ProgressFn | None = None) -> Path:
         out = self.path
         parent = out.parent if str(out.parent) else Path(".")
         if out.is_dir():
@@ -140,7 +141,7 @@ class GGUFOutput:
             raise
         return out
 
-    def _write_to(self, tmp: Path, progress: Optional[ProgressFn]) -> None:
+    def _write_to(self, tmp: Path, progress: ProgressFn | None) -> None:
         w = self.gguf
         w.open_output_file(tmp)
         try:
