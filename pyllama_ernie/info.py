@@ -16,7 +16,7 @@ def _plain(v: Any) -> Any:
     return v.tolist() if hasattr(v, "tolist") else v
 
 
-def gguf_summary(path: str | "os.PathLike[str]") -> dict[str, Any]:
+def gguf_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Architecture, sizes, tensor types and chat-template presence of a GGUF file."""
     s = validate_gguf(path, role="auto")
     arch = s.get("general.architecture") or "unknown"

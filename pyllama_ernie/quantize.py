@@ -25,7 +25,7 @@ QUANT_TYPES = {
 }
 
 
-def quantize(src: str | "os.PathLike[str]", dst: str | "os.PathLike[str]", qtype: str,
+def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], qtype: str,
              *, n_threads: int = 0) -> Path:
     """Write ``dst``, a copy of GGUF ``src`` quantized to ``qtype`` (e.g. ``"Q4_K_M"``).
 
