@@ -38,12 +38,21 @@ Interface (all session-scoped, built lazily and cached under one temp folder):
 * ``converter``: the ``pyllama_ernie.convert`` package.
 
 Fixtures that need torch/transformers/sentencepiece skip (with the reason) when
-those are not installed.
+those are not installed; the tests that use them are marked ``reference``.
+
+Markers (pyproject.toml): ``slow``, ``reference``, ``gpu``, ``cpu_feature``, ``upstream``.
+With ``CI=true`` in the environment, a skip of a test that is not marked ``gpu`` or
+``cpu_feature`` (the declared skips: no GPU, or a CPU without the feature a kernel needs)
+is turned into a failure, and the session refuses to start unless ``pyllama_ernie`` is the
+installed copy (site-packages), not the repository's source folder.
 """
 
 from __future__ import annotations
 
+import os
+import site
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,8 +73,86 @@ from reference_models import (  # noqa: E402
 __all__ = ["TINY_MODELS", "VL_MODELS"]
 
 
+REPO = Path(__file__).resolve().parent.parent
+#: CI=true (set by CI runners): undeclared skips fail, and the installed package must be tested.
+CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+#: the markers that declare a skip as expected on some machines
+DECLARED_SKIPS = ("gpu", "cpu_feature")
+#: fixtures that build the reference models (need torch/transformers): their tests are ``reference``
+REFERENCE_FIXTURES = frozenset({
+    "ernie_tokenizer", "hf_model_dir", "gguf_model", "reference_model", "reference_tokenizer",
+    "vl_model_dir", "vl_gguf", "vl_mmproj", "vl_reference_model", "reference_tokenizer_vl",
+    "ref",  # tests/test_images.py: transformers' PIL image processor
+})
+
+
+def _package_location_problem() -> str | None:
+    """Why the imported ``pyllama_ernie`` is not the installed copy (None when it is)."""
+    import pyllama_ernie
+
+    pkg = Path(pyllama_ernie.__file__).resolve().parent
+    if pkg == (REPO / "pyllama_ernie").resolve():
+        return (f"pyllama_ernie was imported from the repository's source tree ({pkg}), not from the installed "
+                "package: run the pytest console script (`pytest tests`), not `python -m pytest`, and do not "
+                "install it in editable mode")
+    site_dirs = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
+    site_dirs |= {Path(d).resolve() for d in (*site.getsitepackages(), site.getusersitepackages())}
+    if pkg.parent not in site_dirs:
+        return (f"pyllama_ernie was imported from {pkg}, which is not this interpreter's site-packages "
+                f"({', '.join(sorted(map(str, site_dirs)))})")
+    return None
+
+
 def pytest_configure(config: Any) -> None:
-    config.addinivalue_line("markers", "upstream: compares with llama.cpp's own convert_hf_to_gguf.py (slow)")
+    # the markers themselves are registered in pyproject.toml ([tool.pytest.ini_options])
+    if CI:
+        problem = _package_location_problem()
+        if problem:
+            raise pytest.UsageError(f"CI=true: {problem}")
+
+
+def pytest_collection_modifyitems(config: Any, items: list) -> None:
+    """``reference`` for the tests that use the reference fixtures; ``slow`` for every ``reference``
+    test (importing torch and building the reference models lazily costs most of the suite's time,
+    charged to whichever test comes first, so per-test durations hide it) and ``upstream`` test.
+    ``-m "not slow"`` leaves out every test that needs torch or transformers."""
+    for item in items:
+        if REFERENCE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.reference)
+        if item.get_closest_marker("reference") or item.get_closest_marker("upstream"):
+            item.add_marker(pytest.mark.slow)
+
+
+def _declared(node: Any) -> bool:
+    return any(node.get_closest_marker(m) is not None for m in DECLARED_SKIPS)
+
+
+def _skip_reason(report: Any) -> str:
+    lr = report.longrepr
+    return lr[2] if isinstance(lr, tuple) and len(lr) == 3 else str(lr)
+
+
+def _fail_skip(report: Any, what: str) -> None:
+    reason = _skip_reason(report)
+    report.outcome = "failed"
+    report.longrepr = (f"CI=true: {what} was skipped ({reason}), and only tests marked "
+                       f"{' or '.join(DECLARED_SKIPS)} may skip in CI")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: Any, call: Any):
+    report = yield
+    if CI and report.skipped and not hasattr(report, "wasxfail") and not _declared(item):
+        _fail_skip(report, f"{item.nodeid} ({report.when})")
+    return report
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_make_collect_report(collector: Any):
+    report = yield
+    if CI and report.skipped and not _declared(collector):
+        _fail_skip(report, f"collecting {collector.nodeid}")
+    return report
 
 
 def _need_reference_stack() -> None:

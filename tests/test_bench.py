@@ -11,13 +11,19 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import pyllama_ernie
 from pyllama_ernie import bench
 from pyllama_ernie._lib import ffi, lib
 from pyllama_ernie.gguf_check import validate_gguf
+
+# `python -m` runs in the folder holding the imported package (not the repository root, whose
+# source tree would shadow the installed copy)
+PKG_PARENT = Path(pyllama_ernie.__file__).resolve().parent.parent
 
 
 def test_stat_of_values():
@@ -121,7 +127,7 @@ def test_run_bench_vision(tiny_gguf, tmp_path):
 def test_cli_bench_json(tiny_gguf):
     out = subprocess.run([sys.executable, "-m", "pyllama_ernie", "bench", str(tiny_gguf("ernie4_5-moe")),
                           "-r", "1", "-p", "32", "-n", "8", "-t", "1", "--json", "-q"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=PKG_PARENT)
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     assert d["n_prompt"] == 32 and d["n_gen"] == 8 and d["repetitions"] == 1
@@ -131,6 +137,7 @@ def test_cli_bench_json(tiny_gguf):
 
 def test_cli_bench_image_needs_mmproj(tiny_gguf, tmp_path):
     out = subprocess.run([sys.executable, "-m", "pyllama_ernie", "bench", str(tiny_gguf("ernie4_5-moe")),
-                          "--image", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
+                          "--image", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120,
+                         cwd=PKG_PARENT)
     assert out.returncode == 1
     assert "--mmproj" in out.stderr

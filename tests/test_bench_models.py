@@ -18,6 +18,8 @@ for _mod in ("torch", "transformers", "sentencepiece", "tokenizers", "safetensor
 
 import gguf
 
+pytestmark = pytest.mark.reference  # builds its models with the transformers reference stack
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 Q = gguf.GGMLQuantizationType
 

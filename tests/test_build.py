@@ -120,6 +120,7 @@ def _python_include() -> str:
     return sysconfig.get_paths()["include"]
 
 
+@pytest.mark.slow
 def test_edit_then_export_reproduces_the_series(tmp_path):
     """The documented patch workflow: edit (git checkout with one commit per patch), export."""
     if shutil.which("git") is None:

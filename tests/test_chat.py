@@ -188,33 +188,55 @@ def test_text_template_refuses_image_parts_clearly(vlm):
 
 # --- cancellation and threads --------------------------------------------------------------
 
+def _final(items):
+    """The text pieces and the one final Completion of a ``Context.generate_tokens`` generator."""
+    items = list(items)
+    pieces = [x for x in items if isinstance(x, str)]
+    finals = [x for x in items if not isinstance(x, str)]
+    assert len(finals) == 1 and items[-1] is finals[0], items[-3:]
+    return pieces, finals[0]
+
+
 def test_cancel_from_another_thread(vlm):
-    stream = vlm.stream("the", max_tokens=100000, temperature=0, ignore_eos=True)
-    first = next(stream)
-    threading.Timer(0.05, vlm.cancel).start()
-    rest = list(stream)
-    assert first
+    """Model.cancel() from another thread, while the stream runs, ends it early as "cancelled"."""
+    budget = vlm.ctx.n_ctx - 10  # without the cancel it would run until the context is full ("length")
+    gen = vlm.ctx.generate_tokens(vlm.tokenize("the"), max_tokens=budget, sampling=SamplingParams(temperature=0),
+                                  ignore_eos=True)
+    first = next(gen)
+    assert isinstance(first, str) and first
+    canceller = threading.Timer(0.02, vlm.cancel)  # about 40 of the 1014 tokens (2000 tokens/s measured)
+    canceller.start()
+    pieces, done = _final(gen)
+    canceller.join(timeout=30)
+    assert not canceller.is_alive()
+    assert done.finish_reason == "cancelled", (done.finish_reason, done.completion_tokens)
+    assert done.completion_tokens < budget - 2  # stopped early, not at the end of the context
+    assert "".join([first, *pieces]) == done.text
     gen = vlm.generate("the", max_tokens=3, temperature=0, ignore_eos=True)  # still usable
-    assert gen.completion_tokens == 3
+    assert gen.completion_tokens == 3 and gen.finish_reason == "length"
     ev = threading.Event()
     ev.set()
     assert vlm.generate("the", max_tokens=5, cancel=ev).finish_reason == "cancelled"
-    assert len(rest) < 100000
 
 
 def test_cancel_finish_reason(vlm):
+    """Setting the ``cancel`` event after the third piece ends generation within a token."""
     ev = threading.Event()
     pieces = []
+    final = None
     gen = vlm.ctx.generate_tokens(vlm.tokenize("the"), max_tokens=100000, sampling=SamplingParams(temperature=0),
                                   ignore_eos=True, cancel=ev)
     for item in gen:
         if isinstance(item, str):
+            assert final is None
             pieces.append(item)
             if len(pieces) == 3:
                 ev.set()
         else:
-            assert item.finish_reason == "cancelled"
-            assert item.completion_tokens <= 4
+            final = item
+    assert final is not None, "the generation ended without a Completion"
+    assert final.finish_reason == "cancelled"
+    assert len(pieces) == 3 and final.completion_tokens <= 4
 
 
 def test_two_contexts_in_two_threads_match_sequential(vlm):
@@ -235,7 +257,8 @@ def test_two_contexts_in_two_threads_match_sequential(vlm):
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a generation thread did not finish"
     for c in ctxs:
         c.close()
     assert out == seq

@@ -12,15 +12,18 @@ import pytest
 
 pytest.importorskip("pyllama_ernie._lib", reason="pyllama_ernie is not built (pip install .)")
 
+import pyllama_ernie  # noqa: E402
 from pyllama_ernie.convert.synthetic import write_tiny_gguf  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+# the subprocesses run in the folder holding the imported package: `python -m` puts the working
+# directory first on sys.path, and the repository root would give them the source tree instead
+PKG_PARENT = Path(pyllama_ernie.__file__).resolve().parent.parent
 
 
 def cli(*args: str, input: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "pyllama_ernie", *args], capture_output=True, text=True,
-                          input=input, timeout=timeout, env=env, cwd=ROOT)
+                          input=input, timeout=timeout, env=env, cwd=PKG_PARENT)
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +31,7 @@ def tiny(tmp_path_factory):
     return write_tiny_gguf("ernie4_5-moe", tmp_path_factory.mktemp("cli") / "tiny.gguf", seed=2)
 
 
+@pytest.mark.slow
 def test_selfcheck_passes():
     r = cli("selfcheck")
     assert r.returncode == 0, r.stdout + r.stderr

@@ -144,6 +144,7 @@ def test_usage_errors_exit_2_one_line(text_model):
 
 # --- run ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_run_greedy_is_deterministic(text_model):
     args = ("run", text_model, "Hello world", "--temperature", "0", "-n", "8", "-c", "256")
     a, b = cli(*args), cli(*args)
@@ -165,6 +166,7 @@ def test_run_errors_exit_1_one_line(text_model, vl, work):
     assert_one_line_error(cli("run", vl["model"], "hi", "-c", "256", "--mmproj", text_model))  # not a projector
 
 
+@pytest.mark.slow
 def test_run_vl_with_image(vl):
     args = ("run", vl["model"], "What is in the picture?", "--mmproj", vl["mmproj"],
             "--temperature", "0", "-n", "6", "-c", "512")
@@ -304,6 +306,7 @@ def test_chat_no_template_exits_1(text_model, work, vl_template_file):
 
 
 @needs_chat
+@pytest.mark.slow
 def test_chat_with_image(vl, vl_templated):
     args = ("chat", vl_templated, *CHAT, "--mmproj", vl["mmproj"])
     r = cli(*args, input=f"/image {vl['image']}\nwhat is it\nand now?\n/exit\n")

@@ -328,7 +328,8 @@ def test_converter_does_not_import_torch(hf_model_dir, tmp_path):
         "assert not bad, bad"
     )
     r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(hf_model_dir("moe_a")),
-                        str(tmp_path / "m.gguf")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                        str(tmp_path / "m.gguf")], capture_output=True, text=True, timeout=300,
+                       cwd=Path(convert_pkg.__file__).resolve().parents[2])  # beside the imported package
     assert r.returncode == 0, r.stderr[-2000:]
 
 

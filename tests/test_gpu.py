@@ -18,7 +18,7 @@ from pyllama_ernie.multimodal import IMAGE_MARKER
 from test_parity_text import reference_logits, rel_err
 from test_vision import _ref_features, _ref_logits, _reference_case, _rgb
 
-pytestmark = pytest.mark.skipif(not offload.gpu_devices(), reason="no GPU found by this build")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not offload.gpu_devices(), reason="no GPU found by this build")]
 
 GPU_BOUND = 1e-3
 EXACT = dict(kv_cache_type="f32", flash_attn=False, n_ctx=512)

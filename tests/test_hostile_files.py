@@ -333,6 +333,14 @@ def build_corpus(d: Path, seed: int = SEED, scale: int = 1) -> list[dict[str, An
 
 # -- running it ----------------------------------------------------------------------------------
 
+def _package_parent() -> Path:
+    """The workers' folder: the one holding the package this process imports (``python -c`` puts
+    its working directory first on sys.path; the repository root would mean the source tree)."""
+    import pyllama_ernie
+
+    return Path(pyllama_ernie.__file__).resolve().parent.parent
+
+
 def _run_worker(cases: list[dict[str, Any]], bypass: bool, tmp: Path) -> tuple[dict[int, dict[str, Any]], int, str]:
     fd, job = tempfile.mkstemp(suffix=".json", dir=tmp)
     with os.fdopen(fd, "w") as f:
@@ -340,7 +348,7 @@ def _run_worker(cases: list[dict[str, Any]], bypass: bool, tmp: Path) -> tuple[d
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1")
     try:
         proc = subprocess.run([sys.executable, "-c", _WORKER, job], capture_output=True, text=True, check=False,
-                              timeout=BATCH_TIMEOUT, env=env, cwd=str(Path(__file__).resolve().parents[1]))
+                              timeout=BATCH_TIMEOUT, env=env, cwd=_package_parent())
         rc, err, out = proc.returncode, proc.stderr, proc.stdout
     except subprocess.TimeoutExpired as e:
         rc = -int(signal.SIGKILL)
@@ -354,26 +362,37 @@ def _run_worker(cases: list[dict[str, Any]], bypass: bool, tmp: Path) -> tuple[d
     return results, rc, err[-4000:]
 
 
+def _crash(i: int, rc: int, err: str, note: str) -> dict[str, Any]:
+    sig = -rc if rc < 0 else None
+    try:
+        name = signal.Signals(sig).name if sig else None
+    except ValueError:
+        name = f"signal {sig}"
+    return {"i": i, "load": "crash", "rc": rc, "signal": name, "stderr": f"({note})\n{err[-3000:]}"}
+
+
 def _run_batch(cases: list[dict[str, Any]], bypass: bool, tmp: Path) -> dict[int, dict[str, Any]]:
-    """Run cases in one worker; when it dies, the first case without a result is the culprit:
-    run it alone to confirm, and go on with the rest."""
+    """Run cases in one worker. A worker that ends with anything but exit status 0 crashed: the
+    first case without a result was running then, and is counted as a crash even when it passes
+    on its own (run alone once more, for the message); the rest go on in a new worker. A worker
+    that printed every result and still failed (a crash while closing or exiting) counts as a
+    crash of its last case."""
     results: dict[int, dict[str, Any]] = {}
     todo = list(cases)
     while todo:
-        got, _, _ = _run_worker(todo, bypass, tmp)
+        got, rc, err = _run_worker(todo, bypass, tmp)
         results.update(got)
         missing = [c for c in todo if c["i"] not in got]
         if not missing:
+            if rc != 0:
+                last = todo[-1]["i"]
+                results[last] = _crash(last, rc, err, f"the worker exited with {rc} after its last case")
             break
         culprit = missing[0]
-        alone, rc1, err1 = _run_worker([culprit], bypass, tmp)
-        if culprit["i"] in alone:  # it was not this one after all (flaky?): record it, go on
-            results.update(alone)
-        else:
-            sig = -rc1 if rc1 < 0 else None
-            results[culprit["i"]] = {"i": culprit["i"], "load": "crash", "rc": rc1,
-                                     "signal": signal.Signals(sig).name if sig else None,
-                                     "stderr": err1[-3000:]}
+        alone, rc1, _ = _run_worker([culprit], bypass, tmp)
+        again = ("crashes again when run alone" if culprit["i"] not in alone or rc1 != 0
+                 else "passes when run alone: intermittent, or caused by an earlier case in the worker")
+        results[culprit["i"]] = _crash(culprit["i"], rc, err, f"the worker died during this case; it {again}")
         todo = missing[1:]
     return results
 

@@ -579,3 +579,97 @@ def test_video_frames_errors():
         )
     with pytest.raises(ImageError, match="zero bytes"):
         video_frames([smooth_rgb(60, 80), b""], min_pixels=DEFAULT[0], max_pixels=DEFAULT[1])
+
+
+# --------------------------------------------------------------------------- video sizing rule
+#
+# transformers' video processor (Ernie4_5_VLMoeVideoProcessor) needs torchvision, which cannot be
+# imported beside the CPU torch here (HAZARDS.md item 7), so its rule is written out below from
+# its source, and the parity tests in tests/test_vision.py feed the reference frames that our own
+# preprocessing sized. These tests check that sizing independently.
+
+
+def transformers_video_size(height, width, n_frames):
+    """(height, width, frames) of a video as transformers 5.24.0 sizes it, restated from its source.
+
+    transformers/models/ernie4_5_vl_moe/video_processing_ernie4_5_vl_moe.py:
+
+    * class ``Ernie4_5_VLMoeVideoProcessor``: ``size = {"shortest_edge": 299 * 28 * 28,
+      "longest_edge": 1196 * 28 * 28}``, ``patch_size = 14``, ``merge_size = 2``,
+      ``temporal_patch_size = 2`` (``__init__`` refuses any other);
+    * ``_preprocess`` (and ``get_num_of_video_patches``): ``smart_resize(height, width,
+      factor=patch_size * merge_size, min_pixels=size["shortest_edge"],
+      max_pixels=size["longest_edge"])``, the size taken from the first frame of the group;
+    * ``_prepare_input_videos``: "last frame is copied if uneven" (``grid_t = num_frames +
+      -num_frames % temporal_patch_size`` in ``get_num_of_video_patches``).
+
+    ``smart_resize`` is transformers/models/ernie4_5_vl_moe/image_processing_ernie4_5_vl_moe.py's
+    (the torchvision module; the PIL module's copy is compared with ours in the tests above).
+    """
+    factor = 14 * 2  # patch_size * merge_size
+    min_pixels, max_pixels = 299 * 28 * 28, 1196 * 28 * 28
+    if max(height, width) / min(height, width) > 200:
+        raise ValueError("absolute aspect ratio must be smaller than 200")
+    h_bar = round(height / factor) * factor  # Python's round: half to even
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar, n_frames + -n_frames % 2
+
+
+VIDEO_SIZES = [
+    # (h, w, frames) -> the size worked out by hand from the rule above
+    ((56, 84, 4), (420, 616, 4)),  # below min_pixels: scaled up, sides ceiled
+    ((84, 56, 3), (616, 420, 4)),  # odd count: the last frame is repeated
+    ((518, 546, 2), (504, 560, 2)),  # in range: 18.5 -> 18 and 19.5 -> 20 (half to even, not half up)
+    ((1080, 1920, 1), (700, 1288, 2)),  # above max_pixels: scaled down, sides floored
+    ((28, 5600, 2), (56, 6860, 2)),  # aspect ratio 200 (allowed), below min_pixels
+]
+
+
+@pytest.mark.parametrize("size, want", VIDEO_SIZES)
+def test_video_size_matches_the_transformers_rule(size, want):
+    assert (images.VIDEO_MIN_PIXELS, images.VIDEO_MAX_PIXELS) == (299 * 28 * 28, 1196 * 28 * 28)
+    h, w, n = size
+    assert transformers_video_size(h, w, n) == want
+    frames = [smooth_rgb(h, w, seed=k) for k in range(n)]
+    out = video_frames(frames, min_pixels=images.VIDEO_MIN_PIXELS, max_pixels=images.VIDEO_MAX_PIXELS)
+    assert (out[0].shape[0], out[0].shape[1], len(out)) == want
+    assert all(f.shape == out[0].shape for f in out)
+
+
+def test_video_size_sweep_matches_the_transformers_rule():
+    rng = random.Random(2024)
+    sizes = [(rng.randint(1, 3000), rng.randint(1, 3000)) for _ in range(3000)]
+    sizes += [(28 * k + 14, 28 * j + 14) for k in range(10, 40) for j in range(10, 40)]  # .5 ties
+    checked = 0
+    for h, w in sizes:
+        if max(h, w) / min(h, w) > 200:
+            continue
+        th, tw, _ = transformers_video_size(h, w, 2)
+        got = smart_resize(h, w, min_pixels=images.VIDEO_MIN_PIXELS, max_pixels=images.VIDEO_MAX_PIXELS)
+        assert got == (th, tw), (h, w)
+        checked += 1
+    assert checked > 3500
+
+
+def test_model_sizes_videos_with_the_video_limits(tiny_gguf, tmp_path):
+    """The public path (Model.video_features) sizes frames by the video limits, not the image
+    ones: 56x84 frames are left alone as images, but become 420x616 (15x22 tokens) in a video."""
+    from pyllama_ernie import Model
+    from pyllama_ernie.convert.synthetic import write_tiny_mmproj
+
+    mmproj = write_tiny_mmproj(tmp_path / "mmproj.gguf", n_embd_text=64)
+    frames = [smooth_rgb(56, 84, seed=k) for k in range(3)]
+    th, tw, n = transformers_video_size(56, 84, len(frames))
+    with Model(tiny_gguf("ernie4_5-vl-moe"), mmproj_path=mmproj, n_ctx=256) as m:
+        image = m.image_features(frames[0])
+        video = m.video_features(frames)
+    assert (image.grid_h, image.grid_w) == (56 // 28, 84 // 28)
+    assert (video.grid_h, video.grid_w, video.n_frames) == (th // 28, tw // 28, n // 2)

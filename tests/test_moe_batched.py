@@ -57,8 +57,10 @@ def test_batched_prompt_matches_one_token_ubatches(kind, name, qtype, gguf_model
     assert a.shape == b.shape == (len(ids), batched.n_vocab)
     # per position, relative to the largest logit. Measured: F32 at most 2.4e-6 (median 8e-7);
     # F16 median 3.5e-4..1.9e-3, 90% below 1.3e-2 (vl_a: F32 activations in the batch's dense
-    # products, F16 in one token's); Q8_0 0 at most positions, up to 1.5e-2 at the few where a
-    # rounding step of the random model's activations or router comes out the other way. A row
+    # products, F16 in one token's), max 6.9e-4 / 8.1e-4 (moe_a / moe_odd) but 0.20 for vl_a at
+    # one position; Q8_0 0 at most positions, up to 1.5e-2 at the few where a rounding step of
+    # the random model's activations or router comes out the other way (Q4_K_M: max 1.2e-3).
+    # (Max figures: Intel Xeon, zen4 CPU variant; Q8_0/Q4_0 were 0 everywhere there.) A row
     # gathered from the wrong token or scattered to the wrong slot moves nearly every position
     # by O(1e-1): median 0.2-0.44 with a scatter off by one in patch 0007 or 0010.
     err = np.abs(a - b).max(axis=1) / np.abs(a).max()
@@ -66,5 +68,7 @@ def test_batched_prompt_matches_one_token_ubatches(kind, name, qtype, gguf_model
     print(f"{name} {qtype}: batched vs one token per ubatch, rel logit difference per position: "
           f"median {np.median(err):.1e}, 90% below {q90:.1e}, max {err.max():.1e}")
     median_tol, q90_tol = {"F32": (1e-5, 1e-5), "F16": (1e-2, 5e-2)}.get(qtype, (1e-3, 2e-3))
+    max_tol = {"F32": 1e-5, "F16": 0.5 if kind == "vl" else 1e-2}.get(qtype, 5e-2)
     assert np.median(err) < median_tol
     assert q90 < q90_tol
+    assert err.max() < max_tol

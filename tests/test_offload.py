@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,6 +48,7 @@ def test_expert_patterns_select_routed_experts_only():
     assert offload.expert_patterns(0) == []
 
 
+@pytest.mark.gpu  # declared skip: on a machine with a GPU (tests/test_gpu.py covers that)
 def test_no_gpu_warns_once_and_runs_on_cpu(tiny_gguf, caplog):
     if offload.gpu_devices():
         pytest.skip("a GPU is present")
@@ -99,7 +101,8 @@ def test_expert_override_reaches_the_loader(tiny_gguf, caplog, monkeypatch):
 def test_cli_device_options(tiny_gguf):
     path = str(tiny_gguf("ernie4_5-moe"))
     run = lambda *a: subprocess.run([sys.executable, "-m", "pyllama_ernie", "run", path, "hi", "-n", "2",  # noqa: E731
-                                     "--temperature", "0", *a], capture_output=True, text=True, timeout=120)
+                                     "--temperature", "0", *a], capture_output=True, text=True, timeout=120,
+                                    cwd=Path(pe.__file__).resolve().parent.parent)  # not the repository root
     ok = run("-ngl", "-1", "--cpu-moe", "--tensor-split", "1", "--split-mode", "layer", "--no-flash-attn",
              "--no-mmproj-offload")
     assert ok.returncode == 0, ok.stderr

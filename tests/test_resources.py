@@ -184,6 +184,7 @@ def test_threads_with_own_contexts_match_sequential_runs(model):
         t.start()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish"
     assert len(results) == len(PROMPTS)
     for got in results.values():
         for j, toks in got:
@@ -263,6 +264,7 @@ def test_close_while_a_prompt_is_evaluated(paths):
         time.sleep(0.02)
         ctx.close()
         t.join(30)
+        assert not t.is_alive()
         out = box["result"]
         # closed during the prompt: ClosedError; if the prompt was already done: a cancelled generation
         assert isinstance(out, pyllama_ernie.ClosedError) or out.finish_reason in ("cancelled", "length"), out
@@ -369,6 +371,7 @@ def test_model_close_while_images_are_encoded(paths, trial):
     time.sleep(random.Random(trial).random() * 0.03)
     m.close()
     t.join(30)
+    assert not t.is_alive()
     n, err = box["result"]
     assert n >= 1 and (err is None or isinstance(err, (pyllama_ernie.ClosedError, pyllama_ernie.ImageError)))
     assert _live_delta(before) == {}
@@ -430,6 +433,7 @@ def test_a_waiting_caller_gets_closed_error(model):
     ctx.close()
     t1.join(30)
     t2.join(30)
+    assert not t1.is_alive() and not t2.is_alive()
     r1, r2 = box1["result"], box2["result"]
     assert isinstance(r1, (Completion, pyllama_ernie.ClosedError)), r1
     if isinstance(r1, Completion) and r1.finish_reason == "length":  # finished before close: r2 had its turn

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PATCH_ONLY_FILE = "src/models/ernie4-5-vl-moe.cpp"
 PATCH_ONLY_ARCH = '"ernie4_5-vl-moe"'
 
+pytestmark = pytest.mark.slow  # extracts and patches the whole pinned tree several times
+
 
 def _load(name: str, path: Path):
     spec = importlib.util.spec_from_file_location(name, path)

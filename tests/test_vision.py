@@ -9,6 +9,14 @@ result up in an F16 table (measured about 6e-5 on these models).
 Images reach both sides as identical pixels: our preprocessing resizes with
 PIL exactly as the reference's PIL image processor does (tests/test_images.py),
 and here the reference gets its pixel values from that processor.
+
+Videos do not: transformers' video processor needs torchvision, which cannot be imported
+beside the CPU torch here (HAZARDS.md item 7), so the reference's ``pixel_values_videos`` are
+built with OUR preprocessing (``pyllama_ernie.images.video_frames`` with the video pixel limits,
+then ``to_patches``, laid out as the processor's ``_preprocess`` lays them out). The video cases
+check the encoder and the language model on identical pixels, not the video preprocessing; the
+video sizing rule is checked against the rule as transformers writes it in tests/test_images.py
+(``test_video_size_matches_the_transformers_rule`` and the tests beside it).
 """
 
 from __future__ import annotations
@@ -150,7 +158,11 @@ def e2e(request, vl_gguf, vl_mmproj, vl_reference_model, reference_tokenizer_vl)
 
 
 def _video_inputs(frames):
-    """pixel_values_videos / video_grid_thw as the reference video processor lays them out."""
+    """pixel_values_videos / video_grid_thw as the reference video processor lays them out.
+
+    The frames come from our own preprocessing (see the module docstring): the reference's
+    video processor needs torchvision, which is not importable here.
+    """
     import torch
 
     patches, grid = zip(*(imgs.to_patches(imgs.normalize(f)) for f in frames))
@@ -171,7 +183,8 @@ def _reference_case(ref, tok, prompt, images, videos):
         kw.update(pixel_values=pv, image_grid_thw=grid)
         img_tokens = [int(g.prod()) // 4 for g in grid]
     if videos:
-        # the video processor's own pixel limits (its defaults), as its _preprocess applies them
+        # OUR preprocessing stands in for the reference's video processor (it needs torchvision):
+        # its default pixel limits, as its _preprocess applies them (the rule: tests/test_images.py)
         frames = [imgs.video_frames(v, min_pixels=299 * 28 * 28, max_pixels=1196 * 28 * 28) for v in videos]
         parts = [_video_inputs(f) for f in frames]
         kw.update(pixel_values_videos=torch.cat([p[0] for p in parts]),
@@ -221,6 +234,14 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_prompt_with_media_matches_reference(e2e, case):
+    """Logits and a greedy continuation of prompts with images and videos, against transformers.
+
+    Video cases: the reference's pixel inputs are built with our own video preprocessing
+    (``imgs.video_frames`` with the video limits, in ``_reference_case``), not by transformers'
+    video processor (it needs torchvision); the frames (56x84, 84x56) are below the video
+    min_pixels, so both sides see the frames as our resize made them. The sizing rule itself
+    is tested against transformers' rule in tests/test_images.py.
+    """
     name, m, ref, tok = e2e
     prompt, image_sizes, video_sizes = CASES[case]
     images = [_rgb(h, w, seed=i + h) for i, (h, w) in enumerate(image_sizes)]

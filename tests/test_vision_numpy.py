@@ -25,6 +25,8 @@ from pyllama_ernie._vision_numpy import (
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.reference
+
 BOUND = 1e-5
 IMAGE_SIZES = [(28, 28), (56, 84), (84, 56), (112, 112)]
 

@@ -212,7 +212,8 @@ def test_prefix_cache_across_an_image(vl_case):
 
 # --- quantized files -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("qtype, min_top1", [("Q8_0", 0.95), ("Q4_K_M", None)])
+# measured (Intel Xeon, zen4 CPU variant): Q8_0 866/882 = 98.2%, Q4_K_M 781/882 = 88.5%
+@pytest.mark.parametrize("qtype, min_top1", [("Q8_0", 0.95), ("Q4_K_M", 0.80)])
 def test_quantized_top1_agreement_and_f32_routers(qtype, min_top1, vl_gguf, reference_tokenizer_vl, tmp_path):
     import gguf
 
@@ -242,8 +243,7 @@ def test_quantized_top1_agreement_and_f32_routers(qtype, min_top1, vl_gguf, refe
             total += len(ids)
             worst = max(worst, float(np.abs(a - b).max() / np.abs(a).max()))
     print(f"{qtype} (vl_trained): top-1 agreement {agree}/{total} = {agree / total:.1%}, max rel logit err {worst:.2e}")
-    if min_top1 is not None:
-        assert agree / total >= min_top1
+    assert agree / total >= min_top1
 
 
 # --- load-time validation in the patched loader ------------------------------------------
