@@ -9,7 +9,7 @@
 #      pip install, then llama-bench from the same build tree (same libraries);
 #   2. ops: benchmarks/gpu_ops.py, every node of the text, decode, image-embedding and vision graphs
 #      must run on the GPU (the token-embedding lookup excepted, by llama.cpp's design);
-#   3. parity: tests/test_gpu.py and tests/test_offload.py (logits against the CPU and transformers,
+#   3. parity: tests/gpu/test_gpu.py and tests/unit/test_offload.py (logits against the CPU and transformers,
 #      expert offload, image features, greedy tokens);
 #   4. speed: the ERNIE-4.5-VL-28B-A3B-shaped models of benchmarks/make_a3b.py at two depths (the
 #      difference is one MoE layer; report.md extrapolates to 28 layers), and the bench-shape model
@@ -96,7 +96,7 @@ step "op coverage: exit $? ($(tail -1 "$OUT/ops.txt"))"
 
 # 3. parity ------------------------------------------------------------------------------------------
 step "parity"
-timeout 300 $PY -m pytest tests/test_gpu.py tests/test_offload.py -q -rs -p no:cacheprovider >"$OUT/parity.txt" 2>&1
+timeout 300 $PY -m pytest tests/gpu/test_gpu.py tests/unit/test_offload.py -q -rs -p no:cacheprovider >"$OUT/parity.txt" 2>&1
 step "parity: exit $? ($(tail -1 "$OUT/parity.txt"))"
 
 # 4. speed -------------------------------------------------------------------------------------------

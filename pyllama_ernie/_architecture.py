@@ -1,7 +1,7 @@
 """The floor map of the package: which module lives on which floor, and why.
 
 A module imports only from its own floor or the floors below it, and the
-imports form no cycle; ``tests/test_architecture.py`` checks both on the source
+imports form no cycle; ``tests/unit/test_architecture.py`` checks both on the source
 (every ``import``, lazy ones inside functions included) and checks that the
 README's Architecture section is :func:`render`'s output. ``convert/`` is a
 wing beside the house: it imports only ``errors`` from the runtime, and only

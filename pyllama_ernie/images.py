@@ -18,7 +18,7 @@ backend of the ERNIE-4.5-VL image processor). For an image it does:
 :func:`load_image` does step 1 with the very same Pillow calls, :func:`resize_for_model`
 step 2, :func:`normalize` step 3 and :func:`to_patches` step 4, so that
 ``to_patches(normalize(resize_for_model(load_image(x), ...)))`` equals the reference's
-``pixel_values`` bit for bit (tests/test_images.py checks it).
+``pixel_values`` bit for bit (tests/unit/test_images.py checks it).
 
 Where this module deliberately differs from the reference:
 

@@ -365,6 +365,17 @@ class Model(_lib.CResource):
             raise ImageError("this model has no vision projector: load it with Model(..., mmproj_path=...)")
         return self.projector
 
+    @property
+    def media_cache_size(self) -> int:
+        """How many encoded images/videos are kept for reuse (the projector's cache; default 32)."""
+        return self.projector.cache_size if self.projector is not None else Projector.cache_size
+
+    @media_cache_size.setter
+    def media_cache_size(self, n: int) -> None:
+        if n < 0:
+            raise ValueError("media_cache_size must be >= 0")
+        self._projector().cache_size = int(n)
+
     def media_cache_clear(self) -> None:
         """Forget the encoded images and videos kept for reuse."""
         if self.projector is not None:

@@ -1,4 +1,4 @@
-"""Runs single ggml ops on one chosen CPU backend variant; used by tests/test_kernels.py.
+"""Runs single ggml ops on one chosen CPU backend variant; used by tests/parity/test_kernels.py.
 
 Run as a script, in a subprocess of its own, so that the variant it loads never joins the
 registry of the test process (where llama.cpp takes the first CPU device it finds)::

@@ -82,7 +82,7 @@ DECLARED_SKIPS = ("gpu", "cpu_feature")
 REFERENCE_FIXTURES = frozenset({
     "ernie_tokenizer", "hf_model_dir", "gguf_model", "reference_model", "reference_tokenizer",
     "vl_model_dir", "vl_gguf", "vl_mmproj", "vl_reference_model", "reference_tokenizer_vl",
-    "ref",  # tests/test_images.py: transformers' PIL image processor
+    "ref",  # tests/unit/test_images.py: transformers' PIL image processor
 })
 
 

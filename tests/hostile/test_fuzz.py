@@ -17,7 +17,7 @@ derandomized; ``HYPOTHESIS_PROFILE=long`` runs about 35 000 with fresh randomnes
 random-bytes test; about 5 minutes on 2 cores); ``HYPOTHESIS_PROFILE=<N>`` scales the
 same way from N. See docs/reliability.md for what the runs found::
 
-    HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/test_fuzz.py -q -s
+    HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest tests/hostile/test_fuzz.py -q -s
 """
 
 from __future__ import annotations

@@ -585,7 +585,7 @@ def test_video_frames_errors():
 #
 # transformers' video processor (Ernie4_5_VLMoeVideoProcessor) needs torchvision, which cannot be
 # imported beside the CPU torch here (HAZARDS.md item 7), so its rule is written out below from
-# its source, and the parity tests in tests/test_vision.py feed the reference frames that our own
+# its source, and the parity tests in tests/parity/test_media.py feed the reference frames that our own
 # preprocessing sized. These tests check that sizing independently.
 
 

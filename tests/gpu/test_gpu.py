@@ -10,13 +10,17 @@ F32 bound is 1e-3 of the largest logit rather than the CPU suite's 1e-4.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from pyllama_ernie import Model, offload
-from pyllama_ernie.multimodal import IMAGE_MARKER
-from test_parity_text import reference_logits, rel_err
-from test_vision import _ref_features, _ref_logits, _reference_case, _rgb
+from pyllama_ernie import IMAGE_MARKER, Model, offload
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "parity"))  # the CPU parity tests' helpers
+from test_text import reference_logits, rel_err  # noqa: E402
+from test_media import _ref_features, _ref_logits, _reference_case, _rgb  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not offload.gpu_devices(), reason="no GPU found by this build")]
 

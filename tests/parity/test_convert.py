@@ -24,7 +24,7 @@ from reference_models import ERNIE_CHAT_TEMPLATE, SAMPLE_TEXTS, TINY_MODELS, mod
 ConversionError = convert_pkg.ConversionError
 convert = convert_pkg.convert
 Q = gguf.GGMLQuantizationType
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENDOR = ROOT / "vendor" / "llama.cpp"
 
 cli = importlib.import_module(f"{convert_pkg.__name__}.cli")
@@ -327,7 +327,7 @@ def test_converter_does_not_import_torch(hf_model_dir, tmp_path):
         "if m in sys.modules]; "
         "assert not bad, bad"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(hf_model_dir("moe_a")),
+    r = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parents[1]), str(hf_model_dir("moe_a")),
                         str(tmp_path / "m.gguf")], capture_output=True, text=True, timeout=300,
                        cwd=Path(convert_pkg.__file__).resolve().parents[2])  # beside the imported package
     assert r.returncode == 0, r.stderr[-2000:]

@@ -31,7 +31,7 @@ import pytest
 
 pyllama_ernie = pytest.importorskip("pyllama_ernie._lib", reason="pyllama_ernie is not built (pip install .)")
 
-HELPER = Path(__file__).resolve().parent / "_ggml_ops.py"
+HELPER = Path(__file__).resolve().parents[1] / "_ggml_ops.py"
 LIB_DIR = Path(os.environ.get("PYLLAMA_ERNIE_GGML_DIR") or Path(pyllama_ernie.__file__).resolve().parent)
 VARIANTS = sorted(p.name[len("libggml-cpu-"):-len(".so")] for p in LIB_DIR.glob("libggml-cpu-*.so"))
 

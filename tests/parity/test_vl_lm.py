@@ -1,6 +1,6 @@
 """ERNIE-4.5-VL language model (ernie4_5-vl-moe): expert pools, 3-D rope, parity.
 
-Error norm as in test_parity_text: max |ours - reference| / max |reference| over
+Error norm as in parity/test_text.py: max |ours - reference| / max |reference| over
 every position and the whole vocabulary, f32 GGUF, f32 KV cache, flash
 attention off: < 1e-4.
 """

@@ -20,7 +20,7 @@ import gguf
 
 pytestmark = pytest.mark.reference  # builds its models with the transformers reference stack
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 Q = gguf.GGMLQuantizationType
 
 

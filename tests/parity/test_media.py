@@ -7,7 +7,7 @@ attention off. Bound 1e-4. What remains is ggml's quick-GELU, which looks its
 result up in an F16 table (measured about 6e-5 on these models).
 
 Images reach both sides as identical pixels: our preprocessing resizes with
-PIL exactly as the reference's PIL image processor does (tests/test_images.py),
+PIL exactly as the reference's PIL image processor does (tests/unit/test_images.py),
 and here the reference gets its pixel values from that processor.
 
 Videos do not: transformers' video processor needs torchvision, which cannot be imported
@@ -15,7 +15,7 @@ beside the CPU torch here (HAZARDS.md item 7), so the reference's ``pixel_values
 built with OUR preprocessing (``pyllama_ernie.images.video_frames`` with the video pixel limits,
 then ``to_patches``, laid out as the processor's ``_preprocess`` lays them out). The video cases
 check the encoder and the language model on identical pixels, not the video preprocessing; the
-video sizing rule is checked against the rule as transformers writes it in tests/test_images.py
+video sizing rule is checked against the rule as transformers writes it in tests/unit/test_images.py
 (``test_video_size_matches_the_transformers_rule`` and the tests beside it).
 """
 
@@ -184,7 +184,7 @@ def _reference_case(ref, tok, prompt, images, videos):
         img_tokens = [int(g.prod()) // 4 for g in grid]
     if videos:
         # OUR preprocessing stands in for the reference's video processor (it needs torchvision):
-        # its default pixel limits, as its _preprocess applies them (the rule: tests/test_images.py)
+        # its default pixel limits, as its _preprocess applies them (the rule: tests/unit/test_images.py)
         frames = [imgs.video_frames(v, min_pixels=299 * 28 * 28, max_pixels=1196 * 28 * 28) for v in videos]
         parts = [_video_inputs(f) for f in frames]
         kw.update(pixel_values_videos=torch.cat([p[0] for p in parts]),
@@ -240,7 +240,7 @@ def test_prompt_with_media_matches_reference(e2e, case):
     (``imgs.video_frames`` with the video limits, in ``_reference_case``), not by transformers'
     video processor (it needs torchvision); the frames (56x84, 84x56) are below the video
     min_pixels, so both sides see the frames as our resize made them. The sizing rule itself
-    is tested against transformers' rule in tests/test_images.py.
+    is tested against transformers' rule in tests/unit/test_images.py.
     """
     name, m, ref, tok = e2e
     prompt, image_sizes, video_sizes = CASES[case]

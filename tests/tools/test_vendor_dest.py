@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Added by patches/0002 (the ERNIE-4.5-VL-MoE language model); upstream has neither.
 PATCH_ONLY_FILE = "src/models/ernie4-5-vl-moe.cpp"
 PATCH_ONLY_ARCH = '"ernie4_5-vl-moe"'

@@ -27,7 +27,7 @@ MODELS = ["dense_a", "dense_b", "moe_a", "moe_odd"]
 PROMPT = "the quick brown fox jumps over the lazy dog. 你好世界，我们测试中文模型。 emoji 🚀🦙"
 F32_BOUND = 1e-4
 F16_BOUND = 1e-2
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:

@@ -11,7 +11,7 @@ Each case is loaded with :class:`pyllama_ernie.Model` and, if it loads, asked fo
 tokens (an image prompt for projectors) and one chat turn. Every case must load or raise
 one of our exceptions; none may crash.
 
-``python tests/test_hostile_files.py [--bypass] [--seed N] [--scale K] [--hunt N]`` prints
+``python tests/hostile/test_files.py [--bypass] [--seed N] [--scale K] [--hunt N]`` prints
 the table by hand; ``--bypass`` switches our validator off in the workers, to count what
 llama.cpp alone does with the same corpus; ``--hunt N`` runs only the files, among N random
 mutations, that the validator accepts (see docs/reliability.md).
@@ -787,5 +787,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     raise SystemExit(main(sys.argv[1:]))

@@ -48,7 +48,7 @@ def test_expert_patterns_select_routed_experts_only():
     assert offload.expert_patterns(0) == []
 
 
-@pytest.mark.gpu  # declared skip: on a machine with a GPU (tests/test_gpu.py covers that)
+@pytest.mark.gpu  # declared skip: on a machine with a GPU (tests/gpu/test_gpu.py covers that)
 def test_no_gpu_warns_once_and_runs_on_cpu(tiny_gguf, caplog):
     if offload.gpu_devices():
         pytest.skip("a GPU is present")

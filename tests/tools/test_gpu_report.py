@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 _spec = importlib.util.spec_from_file_location("bench_gpu_report", BENCH / "gpu_report.py")
 assert _spec is not None and _spec.loader is not None
 gpu_report = importlib.util.module_from_spec(_spec)
