@@ -715,6 +715,7 @@ _CLIP_KEY_TYPES: dict[str, tuple[int, int | None]] = {
 }
 for _k in ("embedding_length", "feed_forward_length", "block_count", "projection_dim", "attention.head_count",
            "attention.head_count_kv", "attention.head_dim", "image_size", "image_min_pixels", "image_max_pixels",
+           "video_min_pixels", "video_max_pixels",
            "preproc_min_tiles", "preproc_max_tiles", "preproc_image_size", "patch_size", "spatial_merge_size",
            "projector.scale_factor", "projector.query_side", "projector.window_side", "n_wa_pattern",
            "window_size", "sam.head_count", "sam.block_count", "sam.embedding_length", "expert_used_count"):
@@ -773,6 +774,10 @@ def _check_mmproj(m: _Meta, tensors: dict[str, TensorInfo]) -> int:
     hi_px = pos("image_max_pixels")
     if lo_px > hi_px:
         raise _Bad(f"{v}image_min_pixels ({lo_px}) exceeds image_max_pixels ({hi_px})")
+    if m.has(v + "video_min_pixels") or m.has(v + "video_max_pixels"):  # optional (older files: the defaults)
+        lo_vid, hi_vid = pos("video_min_pixels"), pos("video_max_pixels")
+        if lo_vid > hi_vid:
+            raise _Bad(f"{v}video_min_pixels ({lo_vid}) exceeds video_max_pixels ({hi_vid})")
     for k in ("image_mean", "image_std"):
         if v + k not in m.meta:
             raise _Bad(f"{v}{k} is missing")

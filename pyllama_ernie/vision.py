@@ -54,6 +54,9 @@ class ProjectorInfo:
     min_pixels: int
     max_pixels: int
     projection_dim: int
+    #: video frames' pixel limits (the reference's video processor defaults for files without them)
+    video_min_pixels: int = _images.VIDEO_MIN_PIXELS
+    video_max_pixels: int = _images.VIDEO_MAX_PIXELS
 
     @property
     def factor(self) -> int:
@@ -77,6 +80,10 @@ def read_projector_info(path: Path) -> ProjectorInfo:
         if not isinstance(v, int) or v <= 0:  # validate_gguf refuses these already
             raise InvalidModelFileError(f"{path}: missing or invalid {key} ({v!r})", llama_log="")
         got[name] = v
+    for name in ("video_min_pixels", "video_max_pixels"):  # optional; validate_gguf checks them
+        v = summary.get("clip.vision." + name)
+        if v is not None:
+            got[name] = int(v)
     ptype = summary.get("clip.projector_type") or summary.get("clip.vision.projector_type")
     return ProjectorInfo(projector_type=str(ptype), **got)
 
@@ -156,9 +163,10 @@ class Projector(_lib.CResource):
         """Encode one image (one frame) or one pair of video frames.
 
         ``frames`` are HxWx3 uint8 RGB arrays whose sides are multiples of
-        :attr:`ProjectorInfo.factor` (see :func:`pyllama_ernie.images.resize_for_model`).
-        ``check_size=False`` lets mtmd resize them itself (its bicubic filter
-        differs slightly from PIL's, which the reference uses).
+        :attr:`ProjectorInfo.factor` and whose pixel count is within the image limits
+        (one frame) or the video limits (a pair), as :meth:`prepare_image` and
+        :meth:`prepare_video` size them. ``check_size=False`` lets mtmd resize them itself
+        (its bicubic filter differs slightly from PIL's, which the reference uses).
         """
         if len(frames) not in (1, 2):
             raise ValueError("encode takes one image or one pair of video frames")
@@ -167,9 +175,12 @@ class Projector(_lib.CResource):
         for fr in frames:
             if fr.dtype != np.uint8 or fr.ndim != 3 or fr.shape[2] != 3 or fr.shape[:2] != (h, w):
                 raise ImageError("frames must be HxWx3 uint8 arrays of one size")
-        if check_size and (h % f or w % f or h * w > self.info.max_pixels or h * w < self.info.min_pixels):
-            raise ImageError(f"a {w}x{h} image was not resized for this projector "
-                             f"(sides multiples of {f}, {self.info.min_pixels}..{self.info.max_pixels} pixels)")
+        lo, hi = ((self.info.min_pixels, self.info.max_pixels) if len(frames) == 1
+                  else (self.info.video_min_pixels, self.info.video_max_pixels))
+        if check_size and (h % f or w % f or h * w > hi or h * w < lo):
+            kind = "an image" if len(frames) == 1 else "video frames"
+            raise ImageError(f"{w}x{h} {kind} not resized for this projector "
+                             f"(sides multiples of {f}, {lo}..{hi} pixels)")
         with self._lock:
             return self._encode_locked(frames)
 
@@ -240,7 +251,7 @@ class Projector(_lib.CResource):
             raise ImageError("a video is a list of frames (paths, bytes, PIL images or arrays)")
         info = self.info
         # the reference's video processor sizes frames with its own limits, not the image ones
-        fr = _images.video_frames(frames, min_pixels=_images.VIDEO_MIN_PIXELS, max_pixels=_images.VIDEO_MAX_PIXELS,
+        fr = _images.video_frames(frames, min_pixels=info.video_min_pixels, max_pixels=info.video_max_pixels,
                                   factor=info.factor)
         h, w = fr[0].shape[:2]
         media = Media("video", list(fr), h // info.factor, w // info.factor)
@@ -270,6 +281,11 @@ class Projector(_lib.CResource):
             feats = self.encode(media.frames)
         else:
             feats = self._encode_video(media.frames)
+        if (feats.grid_h, feats.grid_w, feats.n_frames) != (media.grid_h, media.grid_w, media.n_frames):
+            # the prompt (and its length check) was planned with media's grid: never encode another
+            raise EncodeError(f"the encoder made a {feats.grid_w}x{feats.grid_h} grid ({feats.n_frames} frame(s)) "
+                              f"of a {media.kind} planned as {media.grid_w}x{media.grid_h} "
+                              f"({media.n_frames})", llama_log="")
         with self._cache_lock:
             self._cache[key] = feats
             while len(self._cache) > self.cache_size:
@@ -285,7 +301,7 @@ class Projector(_lib.CResource):
         """Encode an even number of frames as consecutive pairs (the reference's temporal merge)."""
         if len(frames) < 2 or len(frames) % 2:
             raise ImageError("a video needs an even, non-zero number of frames (pad by repeating the last)")
-        # frames are sized by the video limits (pyllama_ernie.images.VIDEO_MIN_PIXELS ...), not the image ones
-        parts = [self.encode(frames[i:i + 2], check_size=False) for i in range(0, len(frames), 2)]
+        # frames are sized by the video limits, which mtmd applies to frame pairs (patch 0014)
+        parts = [self.encode(frames[i:i + 2]) for i in range(0, len(frames), 2)]
         return Features(np.concatenate([p.data for p in parts]), parts[0].grid_h, parts[0].grid_w,
                         n_frames=len(parts))

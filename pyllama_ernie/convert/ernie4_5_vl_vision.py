@@ -19,6 +19,7 @@ encoder that our patched llama.cpp's mtmd reads beside it. The file has
 ``clip.vision.spatial_merge_size``          2
 ``clip.vision.image_mean`` / ``image_std``  3 floats each (``preprocessor_config.json``)
 ``clip.vision.image_min_pixels`` / ``max``  smart_resize's pixel bounds (same file)
+``clip.vision.video_min_pixels`` / ``max``  the same for video frames (``video_preprocessor_config.json``)
 ==========================================  ===============================================
 
 ``clip.use_gelu`` / ``clip.use_silu`` are not written: without them llama.cpp's loader takes
@@ -84,6 +85,12 @@ TEXT_RMS_EPS = 1e-5
 # transformers' Ernie4_5_VLMoeImageProcessor defaults
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 6177
+# the keys patch 0014 reads (gguf-py has no constants for them)
+KEY_VIDEO_MIN_PIXELS = "clip.vision.video_min_pixels"
+KEY_VIDEO_MAX_PIXELS = "clip.vision.video_max_pixels"
+# transformers' Ernie4_5_VLMoeVideoProcessor.size (shortest_edge, longest_edge)
+DEFAULT_VIDEO_MIN_PIXELS = 299 * 28 * 28
+DEFAULT_VIDEO_MAX_PIXELS = 1196 * 28 * 28
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -99,6 +106,10 @@ class Preprocessor:
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_pixels: int = DEFAULT_MAX_PIXELS
     source: str | None = None  # the file the values came from (None: the defaults)
+    # the video processor's own bounds (the reference sizes video frames with these, not the image ones)
+    video_min_pixels: int = DEFAULT_VIDEO_MIN_PIXELS
+    video_max_pixels: int = DEFAULT_VIDEO_MAX_PIXELS
+    video_source: str | None = None
 
 
 def _three(val: Any, key: str, where: str) -> tuple[float, float, float]:
@@ -134,37 +145,72 @@ def parse_preprocessor(cfg: dict[str, Any], where: str = "preprocessor_config.js
         pre.image_std = _three(cfg["image_std"], "image_std", where)
         if min(pre.image_std) <= 0:
             raise ConversionError(f"{where}: 'image_std' must be positive, not {list(pre.image_std)}.")
-    size = cfg.get("size")
-    size = size if isinstance(size, dict) else {}
-    for attr, keys in (("min_pixels", (("size", "shortest_edge"), ("", "min_pixels"), ("size", "min_pixels"))),
-                       ("max_pixels", (("size", "longest_edge"), ("", "max_pixels"), ("size", "max_pixels")))):
-        for scope, key in keys:
-            val = (size if scope else cfg).get(key)
-            if val is not None:
-                setattr(pre, attr, _pixels(val, f"{scope}.{key}" if scope else key, where))
-                break
-    if pre.min_pixels > pre.max_pixels:
-        raise ConversionError(f"{where}: min pixels ({pre.min_pixels}) exceed max pixels ({pre.max_pixels}).")
+    pre.min_pixels, pre.max_pixels = _pixel_bounds(cfg, where, pre.min_pixels, pre.max_pixels)
     return pre
 
 
+def _pixel_bounds(cfg: dict[str, Any], where: str, lo: int, hi: int) -> tuple[int, int]:
+    """``size: {shortest_edge, longest_edge}``, else top-level ``min_pixels`` / ``max_pixels``, else
+    ``size: {min_pixels, max_pixels}``; ``lo``/``hi`` where none is given."""
+    size = cfg.get("size")
+    size = size if isinstance(size, dict) else {}
+    out = [lo, hi]
+    for i, keys in enumerate(((("size", "shortest_edge"), ("", "min_pixels"), ("size", "min_pixels")),
+                              (("size", "longest_edge"), ("", "max_pixels"), ("size", "max_pixels")))):
+        for scope, key in keys:
+            val = (size if scope else cfg).get(key)
+            if val is not None:
+                out[i] = _pixels(val, f"{scope}.{key}" if scope else key, where)
+                break
+    if out[0] > out[1]:
+        raise ConversionError(f"{where}: min pixels ({out[0]}) exceed max pixels ({out[1]}).")
+    return out[0], out[1]
+
+
+def parse_video_preprocessor(cfg: dict[str, Any], pre: Preprocessor,
+                             where: str = "video_preprocessor_config.json") -> Preprocessor:
+    """The video processor's pixel bounds into ``pre`` (same keys as the image processor's)."""
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{where} is not a JSON object.")
+    pre.video_min_pixels, pre.video_max_pixels = _pixel_bounds(cfg, where, pre.video_min_pixels,
+                                                               pre.video_max_pixels)
+    pre.video_source = where
+    return pre
+
+
+def _processor_config(hf_dir: Path, fname: str, sub: str) -> tuple[dict[str, Any], str] | None:
+    """``fname``'s settings (``processor_config.json``: its ``sub`` section), or None."""
+    path = hf_dir / fname
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"cannot read {path}: {e}") from e
+    if fname == "processor_config.json":
+        if not isinstance(cfg, dict) or not isinstance(cfg.get(sub), dict):
+            return None  # a processor config without these settings
+        return cfg[sub], f"{fname} ({sub})"
+    return cfg, fname
+
+
 def load_preprocessor(hf_dir: str | Path) -> Preprocessor:
-    """``preprocessor_config.json``, else ``processor_config.json``'s ``image_processor``, else the defaults."""
+    """Image settings from ``preprocessor_config.json``, else ``processor_config.json``'s
+    ``image_processor``; video pixel bounds from ``video_preprocessor_config.json``, else its
+    ``video_processor``; the reference defaults for what is missing."""
     hf_dir = Path(hf_dir)
-    for fname, sub in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-        path = hf_dir / fname
-        if not path.is_file():
-            continue
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversionError(f"cannot read {path}: {e}") from e
-        if sub is not None:
-            if not isinstance(cfg, dict) or not isinstance(cfg.get(sub), dict):
-                continue  # a processor config without image settings
-            cfg, fname = cfg[sub], f"{fname} ({sub})"
-        return parse_preprocessor(cfg, fname)
-    return Preprocessor()
+    pre = Preprocessor()
+    for fname in ("preprocessor_config.json", "processor_config.json"):
+        got = _processor_config(hf_dir, fname, "image_processor")
+        if got is not None:
+            pre = parse_preprocessor(*got)
+            break
+    for fname in ("video_preprocessor_config.json", "processor_config.json"):
+        got = _processor_config(hf_dir, fname, "video_processor")
+        if got is not None:
+            parse_video_preprocessor(got[0], pre, got[1])
+            break
+    return pre
 
 
 # -- what the C side supports ----------------------------------------------------------------------
@@ -219,6 +265,8 @@ def add_hparams(gw: gguf.GGUFWriter, vision: VisionConfig, n_embd_text: int, pre
     gw.add_vision_image_std(list(pre.image_std))
     gw.add_vision_min_pixels(pre.min_pixels)
     gw.add_vision_max_pixels(pre.max_pixels)
+    gw.add_uint32(KEY_VIDEO_MIN_PIXELS, pre.video_min_pixels)
+    gw.add_uint32(KEY_VIDEO_MAX_PIXELS, pre.video_max_pixels)
 
 
 # -- checkpoint names ------------------------------------------------------------------------------

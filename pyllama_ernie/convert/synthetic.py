@@ -480,6 +480,7 @@ def write_tiny_mmproj(
     heads: int = 2,
     ff: int = 64,
     pooled: bool = False,
+    preprocessor: ernie4_5_vl_vision.Preprocessor | None = None,
 ) -> Path:
     """Write a tiny random ERNIE 4.5 VL mmproj (vision tower + resampler) to ``path``; returns the path.
 
@@ -487,7 +488,8 @@ def write_tiny_mmproj(
     ``write_tiny_gguf("ernie4_5-vl-moe")``). Keys and tensors are exactly those of a converted
     checkpoint (:mod:`.ernie4_5_vl_vision`); preprocessing keys have the reference defaults.
     ``pooled`` makes the weights as :func:`write_random_gguf` does (for the full-size encoder,
-    ``**A3B_VISION``, in seconds).
+    ``**A3B_VISION``, in seconds). ``preprocessor`` replaces the reference's preprocessing
+    defaults (e.g. other image or video pixel limits).
     """
     if outtype not in ("f32", "f16", "bf16", "q8_0"):
         raise ConversionError(f"unknown output type {outtype!r}; choose one of f32, f16, bf16, q8_0.")
@@ -499,6 +501,6 @@ def write_tiny_mmproj(
     draw = _Draw(seed, pooled)
     specs = ernie4_5_vl_vision.tensor_specs(vision, n_embd_text, draw.source(_random_vision_weights(vision, n_embd_text, draw)), outtype)
     return write_mmproj(
-        path, vision=vision, n_embd_text=n_embd_text, preprocessor=ernie4_5_vl_vision.Preprocessor(),
+        path, vision=vision, n_embd_text=n_embd_text, preprocessor=preprocessor or ernie4_5_vl_vision.Preprocessor(),
         outtype=outtype, specs=specs, name=f"tiny-mmproj-seed{seed}",
     )

@@ -87,6 +87,9 @@ def _expected_keys(name: str) -> dict[str, Any]:
         "clip.vision.image_std": pytest.approx(CLIP_STD, rel=1e-6),
         "clip.vision.image_min_pixels": 56 * 56,
         "clip.vision.image_max_pixels": 28 * 28 * 6177,
+        # no video_preprocessor_config.json: the reference video processor's defaults (patch 0014 reads them)
+        "clip.vision.video_min_pixels": 299 * 28 * 28,
+        "clip.vision.video_max_pixels": 1196 * 28 * 28,
     }
 
 

@@ -136,6 +136,42 @@ def test_encoder_min_and_max_pixels(vl_gguf, small_pixels_mmproj, vl_reference_m
     assert _rel(feats.data, want) < BOUND
 
 
+@pytest.fixture(scope="module")
+def small_video_mmproj(vl_model_dir, tmp_path_factory):
+    """vl_a's mmproj with its video limits from video_preprocessor_config.json: 28*28 .. 28*28*3, all
+    below the image minimum (the image limits are the defaults)."""
+    d = tmp_path_factory.mktemp("small_video") / "vl_a"
+    shutil.copytree(vl_model_dir("vl_a"), d)
+    (d / "video_preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 28 * 28,
+                                                                           "longest_edge": 28 * 28 * 3}}))
+    return convert_mmproj(d, d.parent / "mmproj-small-video.gguf", "f32")
+
+
+@pytest.mark.parametrize("limits", ["image max below video min", "video max below image min"])
+def test_video_frames_keep_the_video_limits(vl_gguf, small_pixels_mmproj, small_video_mmproj, vl_reference_model,
+                                            reference_tokenizer_vl, limits):
+    """Frames sized for video reach the encoder as sized (patch 0014: mtmd used to resize them again
+    with the image limits), and the prompt matches the reference fed the same frames."""
+    if limits == "image max below video min":
+        mmproj, video_pixels, frames = small_pixels_mmproj, (299 * 28 * 28, 1196 * 28 * 28), (56, 84)
+    else:
+        mmproj, video_pixels, frames = small_video_mmproj, (28 * 28, 28 * 28 * 3), (420, 560)
+    ref, tok = vl_reference_model("vl_a"), reference_tokenizer_vl("vl_a")
+    videos = [[_rgb(*frames, seed=300 + k) for k in range(4)]]
+    prompt = f"User: Video 1:{VIDEO_MARKER}What happens?\nAssistant: "
+    ids, kw = _reference_case(ref, tok, prompt, [], videos, video_pixels=video_pixels)
+    with Model(vl_gguf("vl_a"), mmproj_path=mmproj, n_ctx=1024, n_batch=64, **EXACT) as m:
+        info = m.projector.info
+        assert (info.video_min_pixels, info.video_max_pixels) == video_pixels
+        feats = m.video_features(videos[0])
+        assert feats.n_frames == 2
+        assert feats.data.shape[0] == ids.count(ref.config.video_token_id)  # the reference's token count
+        got = m.logits(prompt, videos=videos)
+    want = _ref_logits(ref, ids, kw)
+    assert got.shape == want.shape
+    assert _rel(got, want) < BOUND
+
+
 def test_mtmd_preprocessor_rounds_half_to_even(enc_case):
     """mtmd's own ERNIE preprocessor (C users) sizes 70x70 to 56x56 as Python's round() does."""
     _, m, _ = enc_case
@@ -169,7 +205,7 @@ def _video_inputs(frames):
     return torch.from_numpy(np.concatenate(patches)), torch.tensor([[len(frames), grid[0][0], grid[0][1]]])
 
 
-def _reference_case(ref, tok, prompt, images, videos):
+def _reference_case(ref, tok, prompt, images, videos, video_pixels=(299 * 28 * 28, 1196 * 28 * 28)):
     """input ids and model kwargs of the reference for a prompt with our markers."""
     import re
 
@@ -185,7 +221,7 @@ def _reference_case(ref, tok, prompt, images, videos):
     if videos:
         # OUR preprocessing stands in for the reference's video processor (it needs torchvision):
         # its default pixel limits, as its _preprocess applies them (the rule: tests/unit/test_images.py)
-        frames = [imgs.video_frames(v, min_pixels=299 * 28 * 28, max_pixels=1196 * 28 * 28) for v in videos]
+        frames = [imgs.video_frames(v, min_pixels=video_pixels[0], max_pixels=video_pixels[1]) for v in videos]
         parts = [_video_inputs(f) for f in frames]
         kw.update(pixel_values_videos=torch.cat([p[0] for p in parts]),
                   video_grid_thw=torch.cat([p[1] for p in parts]))

@@ -82,3 +82,49 @@ def test_projector_borrows_the_model(vl):
     assert live_handles().get("Model", 0) == before.get("Model", 0)
     with pytest.raises(ClosedError):
         m.image_features(_rgb(56, 56, 0))
+
+
+# --- video frames keep the video limits (patch 0014) -------------------------------------------
+
+def _mmproj_with(tmp_path, name, **limits):
+    from pyllama_ernie.convert.ernie4_5_vl_vision import Preprocessor
+
+    return write_tiny_mmproj(tmp_path / name, n_embd_text=64, seed=0, preprocessor=Preprocessor(**limits))
+
+
+def test_video_sized_by_video_limits_when_the_image_max_is_smaller(vl, tmp_path):
+    """Image max 12544 (below the video minimum), four 560x420 frames: the reference's video
+    processor keeps them (2 pairs of 15x20 = 600 tokens); mtmd used to shrink them to 24."""
+    path, _ = vl
+    mmproj = _mmproj_with(tmp_path, "small-image.gguf", min_pixels=784, max_pixels=12544)
+    with Model(path, mmproj_path=mmproj, n_ctx=1024) as m:
+        info = m.projector.info
+        assert (info.max_pixels, info.video_min_pixels, info.video_max_pixels) == (12544, 299 * 784, 1196 * 784)
+        frames = [_rgb(420, 560, k) for k in range(4)]
+        media = m.projector.prepare_video(frames)
+        assert (media.grid_h, media.grid_w, media.n_tokens) == (15, 20, 600)
+        feats = m.video_features(frames)
+        assert (feats.grid_h, feats.grid_w, feats.n_frames, feats.data.shape[0]) == (15, 20, 2, 600)
+        image = m.image_features(_rgb(420, 560, 9))  # images still use the image limits
+        assert image.grid_h * image.grid_w * 784 <= 12544
+
+
+def test_video_limits_below_the_image_minimum(vl, tmp_path):
+    """Video max 28*28*3 below image min 3136: frames stay small (mtmd used to enlarge them)."""
+    path, _ = vl
+    mmproj = _mmproj_with(tmp_path, "small-video.gguf", video_min_pixels=784, video_max_pixels=784 * 3)
+    with Model(path, mmproj_path=mmproj, n_ctx=256) as m:
+        feats = m.video_features([_rgb(420, 560, k) for k in range(4)])
+        assert (feats.grid_h, feats.grid_w, feats.n_frames) == (1, 2, 2)
+
+
+def test_encoded_grid_must_equal_the_planned_grid(vl):
+    """The grid the prompt was planned with is asserted against the grid encoded."""
+    from pyllama_ernie import EncodeError
+
+    path, mmproj = vl
+    with Model(path, mmproj_path=mmproj, n_ctx=256) as m:
+        media = m.projector.prepare_image(_rgb(56, 84, 5))
+        media.grid_w += 1  # a plan that does not match the pixels
+        with pytest.raises(EncodeError, match="planned as"):
+            m.projector.features(media)
