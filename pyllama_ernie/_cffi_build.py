@@ -249,6 +249,11 @@ struct llama_sampler * llama_sampler_init_penalties(int32_t n_vocab, int32_t pen
                                                     float penalty_freq, float penalty_present);
 struct llama_sampler * llama_sampler_init_logit_bias(int32_t n_vocab, int32_t n_logit_bias,
                                                      const llama_logit_bias * logit_bias);
+typedef struct llama_token_data { llama_token id; float logit; float p; } llama_token_data;
+typedef struct llama_token_data_array {
+    llama_token_data * data; size_t size; int64_t selected; bool sorted;
+} llama_token_data_array;
+void llama_sampler_apply(struct llama_sampler * smpl, llama_token_data_array * cur_p);
 llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
 void llama_sampler_accept(struct llama_sampler * smpl, llama_token token);
 void llama_sampler_reset(struct llama_sampler * smpl);

@@ -36,6 +36,7 @@ from .vocab import Vocab, piece_bytes
 # importable from here as before.
 __all__ = ["Context", "Completion", "Embeddings", "Timings", "SamplingParams", "default_threads"]
 
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
 _KV_TYPES = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16, "bf16": lib.GGML_TYPE_BF16, "q8_0": lib.GGML_TYPE_Q8_0}
 
 
@@ -72,6 +73,21 @@ class _Sampler(_lib.CResource):
 
     def accept(self, token: int) -> None:
         lib.llama_sampler_accept(self._ptr, token)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """The distribution the chain draws from for one row of logits (``(n_vocab,)`` float32;
+        0 for the tokens its filters removed). Draws one token, as a sample would."""
+        n = len(logits)
+        data = ffi.new("llama_token_data[]", n)
+        rows = np.frombuffer(ffi.buffer(data), dtype=_TOKEN_DATA)
+        rows["id"] = np.arange(n)
+        rows["logit"] = logits
+        cur = ffi.new("llama_token_data_array *", {"data": data, "size": n, "selected": -1, "sorted": False})
+        lib.llama_sampler_apply(self._ptr, cur)
+        kept = np.frombuffer(ffi.buffer(cur.data, cur.size * _TOKEN_DATA.itemsize), dtype=_TOKEN_DATA)
+        out = np.zeros(n, dtype=np.float32)
+        out[kept["id"]] = kept["p"]
+        return out
 
     def sample(self, ctx: Any) -> int:
         return lib.llama_sampler_sample(self._ptr, ctx, -1)
