@@ -396,6 +396,15 @@ VL_MODELS: dict[str, dict[str, Any]] = {
     # vl_a trained for a few hundred steps to memorise TRAIN_TEXTS: a random model's next-token
     # distributions are nearly flat, so any rounding flips its top-1; a trained model's are not
     "vl_trained": dict(train_of="vl_a", steps=300),
+    # the real rope (head_dim 128, [22, 22, 20], theta 500000) at long context: only the last
+    # layer is MoE, so routing near-ties cannot spread an error through later layers
+    "vl_long": dict(
+        dtype="float32", tie=True, mrope=[22, 22, 20], max_positions=16384,
+        text=dict(hidden_size=256, intermediate_size=192, num_hidden_layers=3, num_attention_heads=2,
+                  num_key_value_heads=1, moe_intermediate_size=[64, 32], moe_num_experts=4, moe_k=2,
+                  moe_num_shared_experts=1, mlp_layer_types=["dense", "dense", "sparse"]),
+        vision=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2),
+    ),
 }
 
 #: what vl_trained memorises (and what the quantization test scores)
@@ -413,7 +422,7 @@ def vl_text_config(name: str, n_pieces: int) -> dict[str, Any]:
     """The text_config kwargs of VL_MODELS[name] (an HF-native model)."""
     spec = VL_MODELS[name]
     return dict(
-        spec["text"], vocab_size=model_vocab_size(n_pieces), max_position_embeddings=4096,
+        spec["text"], vocab_size=model_vocab_size(n_pieces), max_position_embeddings=spec.get("max_positions", 4096),
         tie_word_embeddings=spec["tie"],
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0, "mrope_section": list(spec["mrope"])},
     )
