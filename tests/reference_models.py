@@ -71,6 +71,26 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
             tie_word_embeddings=False,
         ),
     ),
+    # the released text models' head size (128) on the dense architecture, heads*head_dim != hidden
+    "dense_h128": dict(
+        kind="dense",
+        dtype="float32",
+        config=dict(
+            hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=128, tie_word_embeddings=True,
+        ),
+    ),
+    # ERNIE-4.5-21B-A3B's routing (64 experts, top-6, 2 shared) and head size 128, tiny otherwise
+    "moe_64x6": dict(
+        kind="moe",
+        dtype="float32",
+        config=dict(
+            hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=128, moe_intermediate_size=16, moe_num_experts=64, moe_k=6,
+            moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_interval=1,
+            tie_word_embeddings=True,
+        ),
+    ),
     # MoE every 2nd layer after a dense lead layer (MoE layers 1 and 3, dense 0 and 2):
     # llama.cpp's ernie4_5-moe cannot express this, so conversion must refuse it.
     "moe_step2": dict(
@@ -396,6 +416,14 @@ VL_MODELS: dict[str, dict[str, Any]] = {
     # vl_a trained for a few hundred steps to memorise TRAIN_TEXTS: a random model's next-token
     # distributions are nearly flat, so any rounding flips its top-1; a trained model's are not
     "vl_trained": dict(train_of="vl_a", steps=300),
+    # the 28B model's vision head size (1280 / 16 = 80), with 2 heads of 80; tiny otherwise
+    "vl_h80": dict(
+        dtype="float32", tie=True, mrope=[22, 22, 20],
+        text=dict(hidden_size=256, intermediate_size=192, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, moe_intermediate_size=[64, 32], moe_num_experts=4, moe_k=2,
+                  moe_num_shared_experts=1),
+        vision=dict(depth=1, hidden_size=160, intermediate_size=64, num_heads=2),
+    ),
     # the real rope (head_dim 128, [22, 22, 20], theta 500000) at long context: only the last
     # layer is MoE, so routing near-ties cannot spread an error through later layers
     "vl_long": dict(

@@ -84,7 +84,7 @@ def _ref_features(ref, images, **size):
     return [f.double().numpy() for f in out.pooler_output], grid
 
 
-@pytest.fixture(scope="module", params=["vl_a", "vl_b"])
+@pytest.fixture(scope="module", params=["vl_a", "vl_b", "vl_h80"])  # vl_h80: vision head size 80
 def enc_case(request, vl_gguf, vl_mmproj, vl_reference_model):
     name = request.param
     with Model(vl_gguf(name), mmproj_path=vl_mmproj(name), n_ctx=512, **EXACT) as m:

@@ -23,7 +23,8 @@ from pyllama_ernie import Model  # noqa: E402
 
 from reference_models import SAMPLE_TEXTS  # noqa: E402
 
-MODELS = ["dense_a", "dense_b", "moe_a", "moe_odd"]
+# dense_h128 and moe_64x6: the released models' head size 128, and 64 experts top-6
+MODELS = ["dense_a", "dense_b", "moe_a", "moe_odd", "dense_h128", "moe_64x6"]
 PROMPT = "the quick brown fox jumps over the lazy dog. 你好世界，我们测试中文模型。 emoji 🚀🦙"
 F32_BOUND = 1e-4
 F16_BOUND = 1e-2
