@@ -5,9 +5,9 @@ Interface (all session-scoped, built lazily and cached under one temp folder):
 * ``TINY_MODELS`` (module constant, also the ``tiny_models`` fixture): name -> spec
   dict with ``kind`` ("dense"/"moe"), ``dtype`` (how weights are stored), optional
   ``shard`` and ``config`` (kwargs of the transformers config class). Names:
-  ``dense_a``, ``dense_b``, ``moe_a``, ``moe_odd``, ``moe_step2`` (see
-  tests/reference_models.py; ``moe_step2`` is a layout llama.cpp cannot run,
-  so converting it raises ConversionError).
+  ``dense_a``, ``dense_b``, ``moe_a``, ``moe_odd``, ``moe_step2``, ``dense_h128``,
+  ``moe_64x6`` and ``moe_layout_{start}_{end}_{interval}`` (every MoE layout of a 6-layer
+  model; see tests/reference_models.py).
 * ``hf_model_dir(name) -> Path``: the saved checkpoint (safetensors, config.json,
   tokenizer.model, tokenizer.json, tokenizer_config.json with ERNIE's chat template).
 * ``gguf_model(name, outtype="f32") -> Path``: that checkpoint converted by

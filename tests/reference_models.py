@@ -92,7 +92,7 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         ),
     ),
     # MoE every 2nd layer after a dense lead layer (MoE layers 1 and 3, dense 0 and 2):
-    # llama.cpp's ernie4_5-moe cannot express this, so conversion must refuse it.
+    # upstream llama.cpp's ernie4_5-moe cannot load this; ours can (patch 0016)
     "moe_step2": dict(
         kind="moe",
         dtype="float32",
@@ -104,6 +104,22 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
         ),
     ),
 }
+
+#: every MoE layer layout transformers accepts on a 6-layer model: (start, end, interval)
+MOE_LAYOUTS = [(s, e, k) for s in (0, 1, 2) for e in (3, 5) for k in (1, 2, 3)
+               if any((i + 1) % k == 0 for i in range(s, e + 1))]
+for _s, _e, _k in MOE_LAYOUTS:
+    TINY_MODELS[f"moe_layout_{_s}_{_e}_{_k}"] = dict(
+        kind="moe",
+        dtype="float32",
+        config=dict(
+            hidden_size=64, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+            num_key_value_heads=2, moe_intermediate_size=32, moe_num_experts=4, moe_k=2,
+            moe_num_shared_experts=1, moe_layer_start_index=_s, moe_layer_end_index=_e, moe_layer_interval=_k,
+            tie_word_embeddings=True,
+        ),
+    )
+del _s, _e, _k
 
 INIT_STD = 0.1  # larger than transformers' 0.02, so logits are not all ~0
 

@@ -9,11 +9,12 @@ released checkpoints).
 
 MoE layout. transformers makes layer ``i`` an MoE layer iff
 ``moe_layer_start_index <= i <= moe_layer_end_index`` and ``(i + 1) % moe_layer_interval == 0``.
-llama.cpp's loader expects MoE tensors in every layer ``i >= leading_dense_block_count``,
-and its graph runs layer ``i`` as MoE iff additionally ``(i + 1) % interleave_moe_layer_step == 0``.
-So llama.cpp can express exactly the layouts whose MoE layers are all layers from
-some index on; others (dense layers between or after MoE layers) are refused
-with a ConversionError rather than written as a file that would not load.
+The file says ``leading_dense_block_count`` (the first MoE layer) and
+``interleave_moe_layer_step`` (the interval), and has a router and experts for
+exactly the MoE layers, dense FFN tensors for the others. Patch 0016's loader
+makes a layer MoE iff it is past the lead, on the interval and has a router, so
+layers after ``moe_layer_end_index`` are dense; the released layouts (every layer
+from the lead on) give the same bytes as before, which upstream llama.cpp loads.
 """
 
 from __future__ import annotations
@@ -70,18 +71,10 @@ def moe_layout(text: TextConfig) -> tuple[int, int]:
             f"config.json puts no MoE layer in the model (moe_layer_start_index={moe.layer_start}, "
             f"moe_layer_end_index={moe.layer_end}, moe_layer_interval={moe.layer_interval}, {n} layers)."
         )
-    lead = layers[0]
-    if layers != list(range(lead, n)):
-        dense_inside = sorted(set(range(lead, n)) - set(layers))
-        raise ConversionError(
-            "llama.cpp's ernie4_5-moe cannot represent this layer layout: MoE layers "
-            f"{layers} (moe_layer_start_index={moe.layer_start}, moe_layer_end_index={moe.layer_end}, "
-            f"moe_layer_interval={moe.layer_interval}) leave dense layers {dense_inside} after the first MoE "
-            "layer, but llama.cpp expects every layer from leading_dense_block_count on to be MoE."
-        )
-    # the interval the graph checks must select every one of those layers
+    # the interval the loader checks must select every MoE layer; those it selects that are not
+    # MoE (past moe_layer_end_index) get no router and are dense
     step = moe.layer_interval if all((i + 1) % moe.layer_interval == 0 for i in layers) else 1
-    return lead, step
+    return layers[0], step
 
 
 def add_hparams(gw: gguf.GGUFWriter, text: TextConfig, arch: str) -> None:
@@ -196,7 +189,7 @@ class _Builder:
         t = self.text
         if self.arch != ARCH_MOE or not t.moe:
             return set()
-        moe_layout(t)  # refuse layouts llama.cpp cannot run
+        moe_layout(t)  # refuse a config without MoE layers
         return set(t.moe.moe_layers(t.n_layers))
 
     def global_tensors(self) -> None:

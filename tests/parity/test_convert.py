@@ -370,10 +370,12 @@ def test_same_as_upstream_converter(name, outtype, hf_model_dir, gguf_model, tmp
 
 # -- layouts llama.cpp cannot run, and config handling -------------------------------------------
 
-def test_moe_layout_with_interval_2_is_refused(hf_model_dir, tmp_path):
-    with pytest.raises(ConversionError, match="cannot represent this layer layout"):
-        convert(hf_model_dir("moe_step2"), tmp_path / "x.gguf")
-    assert not any(tmp_path.iterdir())
+def test_moe_layout_with_interval_2_has_dense_layers_between(hf_model_dir, tmp_path):
+    """MoE layers 1 and 3 of 4: routers and experts there only, dense FFNs in layers 0 and 2."""
+    kv, ts = read_gguf(convert(hf_model_dir("moe_step2"), tmp_path / "x.gguf"))
+    assert (kv["ernie4_5-moe.leading_dense_block_count"], kv["ernie4_5-moe.interleave_moe_layer_step"]) == (1, 2)
+    assert {int(g.split(".")[1]) for g in ts if "ffn_gate_inp" in g} == {1, 3}
+    assert {int(g.split(".")[1]) for g in ts if g.endswith("ffn_gate.weight")} == {0, 2}
 
 
 def _moe_cfg(**kw):
@@ -391,10 +393,10 @@ def test_moe_layout_rules():
     assert layout(_moe_cfg(moe_layer_start_index=2).text) == (2, 1)
     # interval 2, but the only MoE layer is the last one: expressible, and the step is kept
     assert layout(_moe_cfg(num_hidden_layers=2, moe_layer_interval=2).text) == (1, 2)
-    with pytest.raises(ConversionError):  # MoE layers 1, 3 with dense 2 between
-        layout(_moe_cfg(moe_layer_interval=2).text)
-    with pytest.raises(ConversionError):  # trailing dense layer
-        layout(_moe_cfg(moe_layer_end_index=2).text)
+    # MoE layers 1 and 3 with dense 2 between: the loader's interval skips layer 2 (patch 0016)
+    assert layout(_moe_cfg(moe_layer_interval=2).text) == (1, 2)
+    # a trailing dense layer (end index 2 of 4): written without a router, so layer 3 is dense
+    assert layout(_moe_cfg(moe_layer_end_index=2).text) == (1, 1)
     with pytest.raises(ConversionError):  # no MoE layer at all
         layout(_moe_cfg(moe_layer_start_index=9).text)
 
@@ -546,12 +548,16 @@ def test_interrupt_leaves_no_file(hf_model_dir, tmp_path):
 def test_existing_output_is_replaced_only_on_success(hf_model_dir, tmp_path):
     out = tmp_path / "m.gguf"
     out.write_bytes(b"old")
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_model_dir("dense_a"), broken)
+    for f in broken.glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:100])  # truncated weights
     with pytest.raises(ConversionError):
-        convert(hf_model_dir("moe_step2"), out)
+        convert(broken, out)
     assert out.read_bytes() == b"old"
     convert(hf_model_dir("dense_a"), out, "f16")
     assert out.read_bytes()[:4] == b"GGUF"
-    assert files_in(tmp_path) == {"m.gguf"}
+    assert files_in(tmp_path) - {"broken"} == {"m.gguf"}
     mask = os.umask(0o022)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask
