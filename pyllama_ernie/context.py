@@ -29,7 +29,7 @@ import numpy as np
 from . import _lib, errors
 from ._lib import ModelHandle, abort_flag_callback, default_threads, ffi, lib
 from .errors import BusyError, ClosedError, ContextError, DecodeError, PromptTooLongError
-from .values import Completion, ContextParams, Embeddings, SamplingParams, Timings
+from .values import KV_CACHE_TYPES, Completion, ContextParams, Embeddings, SamplingParams, Timings
 from .vocab import Vocab, piece_bytes
 
 # Completion, Embeddings, SamplingParams and Timings are defined in .values; these names stay
@@ -37,7 +37,7 @@ from .vocab import Vocab, piece_bytes
 __all__ = ["Context", "Completion", "Embeddings", "Timings", "SamplingParams", "default_threads"]
 
 _TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data
-_KV_TYPES = {"f32": lib.GGML_TYPE_F32, "f16": lib.GGML_TYPE_F16, "bf16": lib.GGML_TYPE_BF16, "q8_0": lib.GGML_TYPE_Q8_0}
+_KV_TYPES = {name: getattr(lib, f"GGML_TYPE_{name.upper()}") for name in KV_CACHE_TYPES}  # ContextParams checks the names
 
 
 class _Sampler(_lib.CResource):
@@ -501,7 +501,7 @@ class Context(_lib.CResource):
             finish = "length"
             # bound once: the loop runs per token (host time per token is a benchmark figure)
             pick, feed, step, is_eog = picker.pick, out.feed, self._step, lib.llama_vocab_is_eog
-            abort, keys, n_ctx = self._abort, self._keys, self.n_ctx
+            abort, keys, n_ctx, ctx = self._abort, self._keys, self.n_ctx, self._ptr
             try:
                 picker.accept_prompt(units)
                 for _ in range(max_tokens):
@@ -510,7 +510,7 @@ class Context(_lib.CResource):
                         break
                     if len(keys) >= n_ctx:
                         break
-                    tok = pick(self._ptr)
+                    tok = pick(ctx)
                     if is_eog(vocab, tok):
                         finish = "stop"
                         break

@@ -35,7 +35,7 @@ from .errors import (
     InvalidModelFileError,
     ModelLoadError,
 )
-from .gguf_check import check_gguf_file, validate_gguf
+from .gguf_check import GGUFSummary, validate_gguf
 from .values import Features, Media
 
 # Features is defined in .values; it stays importable from here as before.
@@ -64,9 +64,11 @@ class ProjectorInfo:
         return self.patch_size * self.merge_size
 
 
-def read_projector_info(path: Path) -> ProjectorInfo:
-    """Check an ERNIE-4.5-VL mmproj file (see :mod:`.gguf_check`) and read its input sizes."""
-    summary = validate_gguf(path, role="mmproj")
+def read_projector_info(path: Path | GGUFSummary) -> ProjectorInfo:
+    """Check an ERNIE-4.5-VL mmproj file (see :mod:`.gguf_check`) and read its input sizes
+    (or read them from what :func:`~pyllama_ernie.gguf_check.validate_gguf` read of it)."""
+    summary = path if isinstance(path, GGUFSummary) else validate_gguf(path, role="mmproj")
+    path = summary.path
     keys = {
         "patch_size": "clip.vision.patch_size",
         "merge_size": "clip.vision.spatial_merge_size",
@@ -106,13 +108,14 @@ class Projector(_lib.CResource):
         self._lock = threading.Lock()
         self._cache: "OrderedDict[bytes, Features]" = OrderedDict()
         self._cache_lock = threading.Lock()
-        self.path = check_gguf_file(path, role="mmproj")
+        summary = validate_gguf(path, role="mmproj")  # the file is read once, here
+        self.path = summary.path
         model_name = Path(model.path).name
         if model.n_pos_per_embd != 4:
             raise InvalidModelFileError(
                 f"{model_name} is not an ERNIE-4.5-VL language model (no 3-D positions): "
                 f"it cannot take the images of {self.path.name}", llama_log="")
-        self.info = read_projector_info(self.path)
+        self.info = read_projector_info(summary)
         if self.info.projection_dim != model.n_embd:
             raise InvalidModelFileError(
                 f"{self.path.name} projects to width {self.info.projection_dim} but {model_name} "
