@@ -43,6 +43,8 @@ _EXPORTS = {
     "BusyError": "errors",
     "DecodeError": "errors",
     "PromptTooLongError": "errors",
+    "QueueFullError": "errors",
+    "StateFileError": "errors",
     "TokenizeError": "errors",
     "QuantizeError": "errors",
     "ImageError": "errors",
@@ -69,7 +71,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._lib import set_log_level
     from .context import Context
     from .errors import (BusyError, ClosedError, ContextError, DecodeError, EncodeError, ErnieError, ImageError,
-                         InvalidModelFileError, ModelLoadError, PromptTooLongError, QuantizeError, TokenizeError)
+                         InvalidModelFileError, ModelLoadError, PromptTooLongError, QuantizeError, QueueFullError,
+                         StateFileError, TokenizeError)
     from .model import Model
     from .system import system_info
     from .values import (IMAGE_MARKER, VIDEO_MARKER, Completion, ContextParams, Embeddings, Features, Media,

@@ -363,3 +363,33 @@ def usage(c: Completion) -> dict[str, Any]:
         "prompt_tokens_evaluated": c.prompt_tokens_evaluated,
         "images_encoded": c.images_encoded,
     }
+
+
+def text_completion(model_name: str, result: Completion) -> dict[str, Any]:
+    """The OpenAI ``text_completion`` dict (``/v1/completions``) for a whole answer."""
+    return {
+        "id": "cmpl-" + uuid.uuid4().hex[:24],
+        "object": "text_completion",
+        "created": now(),
+        "model": model_name,
+        "choices": [{"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}],
+        "usage": usage(result),
+    }
+
+
+def text_chunks(model_name: str, pieces: Iterator[Any]) -> Iterator[dict[str, Any]]:
+    """OpenAI ``text_completion`` chunks for a stream of pieces ending with a Completion: one per
+    piece, then one with an empty text, the ``finish_reason`` and ``usage``."""
+    cid, created = "cmpl-" + uuid.uuid4().hex[:24], now()
+
+    def chunk(text: str, finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        c = {"id": cid, "object": "text_completion", "created": created, "model": model_name,
+             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+        c.update(extra)
+        return c
+
+    for item in pieces:
+        if isinstance(item, Completion):
+            yield chunk("", item.finish_reason, usage=usage(item))
+            return
+        yield chunk(item)

@@ -89,14 +89,142 @@ class _Sampler(_lib.CResource):
         out[kept["id"]] = kept["p"]
         return out
 
-    def sample(self, ctx: Any) -> int:
-        return lib.llama_sampler_sample(self._ptr, ctx, -1)
+    def sample(self, ctx: Any, idx: int = -1) -> int:
+        return lib.llama_sampler_sample(self._ptr, ctx, idx)
 
     def close(self) -> None:
         if self._ptr is not None:
             lib.llama_sampler_free(self._ptr)
             self._ptr = None
             self._untrack()
+
+
+def c_context_params(params: ContextParams, abort: Any, *, n_seq_max: int = 1, kv_unified: bool = False,
+                     n_ctx: int | None = None) -> Any:
+    """The ``llama_context_params`` for ``params``; ``abort`` is the ``int *`` flag that
+    stops a running decode. ``n_ctx`` overrides ``params.n_ctx`` (a batching context
+    holds several sequences)."""
+    threads = params.n_threads or default_threads()
+    p = lib.llama_context_default_params()
+    p.n_ctx = params.n_ctx if n_ctx is None else n_ctx
+    p.n_batch = params.n_batch
+    p.n_ubatch = min(params.n_ubatch or params.n_batch, params.n_batch)
+    p.n_seq_max = n_seq_max
+    p.kv_unified = kv_unified
+    p.n_threads = threads
+    p.n_threads_batch = params.n_threads_batch or threads
+    p.flash_attn_type = (
+        lib.LLAMA_FLASH_ATTN_TYPE_AUTO if params.flash_attn is None
+        else lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if params.flash_attn
+        else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    p.type_k = p.type_v = _KV_TYPES[params.kv_cache_type]
+    p.no_perf = False
+    p.abort_callback = abort_flag_callback
+    p.abort_callback_data = abort
+    return p
+
+
+def flatten_prompt(prompt: Sequence[Any], n_vocab: int, n_embd: int) -> list[Any]:
+    """A prompt (token ids and :class:`Embeddings`) as per-position units: token ids and
+    ``(Embeddings, row)`` pairs. Checks token ids and embedding widths."""
+    units: list[Any] = []
+    for part in prompt:
+        if isinstance(part, Embeddings):
+            if part.data.shape[1] != n_embd:
+                raise ValueError(f"embeddings have width {part.data.shape[1]}, the model needs {n_embd}")
+            units.extend((part, j) for j in range(part.n))
+        else:
+            if not 0 <= part < n_vocab:
+                raise errors.TokenizeError(
+                    f"token id {part} is outside the vocabulary (0..{n_vocab - 1})", llama_log="")
+            units.append(part)
+    return units
+
+
+def unit_key(unit: Any) -> Any:
+    """What the KV cache remembers of one unit: the token id, or (chunk key, row)."""
+    return (unit[0].key, unit[1]) if isinstance(unit, tuple) else unit
+
+
+def reusable_prefix(keys: Sequence[Any], units: Sequence[Any]) -> int:
+    """How many leading ``units`` a cache holding ``keys`` can keep: the shared prefix, less
+    the last unit (evaluated again for its logits), never splitting an embedding chunk (its
+    rows share the t position)."""
+    n = 0
+    for a, u in zip(keys, units):
+        if a != unit_key(u):
+            break
+        n += 1
+    if n == len(units):
+        n -= 1
+    while n > 0 and isinstance(units[n], tuple) and units[n][1] > 0:
+        n -= 1
+    return n
+
+
+def seq_payload(ctx: Any, seq: int) -> bytes:
+    """``llama_state_seq_get_data`` of one sequence."""
+    n = lib.llama_state_seq_get_size(ctx, seq)
+    buf = ffi.new("uint8_t[]", n)
+    got = lib.llama_state_seq_get_data(ctx, buf, n, seq)
+    if got == 0:
+        errors.raise_error(errors.ContextError, "llama_state_seq_get_data")
+    return bytes(ffi.buffer(buf, got))
+
+
+def seq_restore(ctx: Any, seq: int, payload: bytes) -> None:
+    """``llama_state_seq_set_data`` into ``seq``; ContextError when llama.cpp refuses it."""
+    errors.clear_log_line()
+    if lib.llama_state_seq_set_data(ctx, ffi.from_buffer(payload), len(payload), seq) == 0:
+        errors.raise_error(errors.ContextError, "llama_state_seq_set_data (the saved state does not fit "
+                                                "this context)")
+
+
+class EmbdBatch:
+    """A ``llama_batch`` of embedding rows (``embd`` instead of ``token``) with M-RoPE
+    positions; the memory is owned by cffi and freed with this object."""
+
+    def __init__(self, n: int, n_embd: int, n_pos_per_embd: int) -> None:
+        self.n, self._n_embd, self._npos = n, n_embd, n_pos_per_embd
+        self._mem = mem = {
+            "embd": ffi.new("float[]", n * n_embd),
+            "pos": ffi.new("llama_pos[]", 4 * n),
+            "n_seq_id": ffi.new("int32_t[]", [1] * n),
+            "seq": ffi.new("llama_seq_id[]", n),
+            "logits": ffi.new("int8_t[]", n),
+        }
+        mem["seq_ptrs"] = ffi.new("llama_seq_id *[]", [mem["seq"] + i for i in range(n)])
+        b = ffi.new("llama_batch *")
+        b.token = ffi.NULL
+        b.embd = mem["embd"]
+        b.pos = mem["pos"]
+        b.n_seq_id = mem["n_seq_id"]
+        b.seq_id = mem["seq_ptrs"]
+        b.logits = mem["logits"]
+        self.batch = b
+
+    def fill(self, chunk: Embeddings, k: int, m: int, *, seq: int = 0, all_logits: bool = False,
+             last_logits: bool = False) -> Any:
+        """Rows ``k:k+m`` of ``chunk`` for sequence ``seq``; the ``llama_batch`` to decode."""
+        b, mem = self.batch, self._mem
+        ffi.memmove(b.embd, ffi.from_buffer(chunk.data[k:k + m]), m * self._n_embd * 4)
+        npos = self._npos
+        pos = np.frombuffer(ffi.buffer(b.pos, 4 * npos * m), dtype=np.int32).reshape(npos, m)
+        pos[:] = chunk.positions_for(npos)[:, k:k + m]
+        seqs = np.frombuffer(ffi.buffer(mem["seq"], 4 * m), dtype=np.int32)
+        seqs[:] = seq
+        flags = np.frombuffer(ffi.buffer(b.logits, m), dtype=np.int8)
+        flags[:] = all_logits
+        b.logits[m - 1] = all_logits or last_logits
+        b.n_tokens = m
+        return b[0]
+
+    @staticmethod
+    def nexts(chunk: Embeddings, k: int, m: int) -> list[int]:
+        """The position that follows each of rows ``k:k+m``."""
+        t_row = chunk.positions[0]
+        return [chunk.next_pos if j == chunk.n - 1 else int(t_row[j]) + 1 for j in range(k, k + m)]
 
 
 class Context(_lib.CResource):
@@ -138,7 +266,7 @@ class Context(_lib.CResource):
         self._n_vocab = vocab.n_vocab
         self._n_embd = model.n_embd
         self._n_pos_per_embd = model.n_pos_per_embd
-        p = self._c_params(params)
+        p = c_context_params(params, self._abort)
         self._observer = None
         if observe_nodes is not None:
             self._observer = _lib.NodeObserver(observe_nodes)
@@ -164,26 +292,6 @@ class Context(_lib.CResource):
         except BaseException:
             self.close()
             raise
-
-    def _c_params(self, params: ContextParams) -> Any:
-        threads = params.n_threads or default_threads()
-        p = lib.llama_context_default_params()
-        p.n_ctx = params.n_ctx
-        p.n_batch = params.n_batch
-        p.n_ubatch = min(params.n_ubatch or params.n_batch, params.n_batch)
-        p.n_seq_max = 1
-        p.n_threads = threads
-        p.n_threads_batch = params.n_threads_batch or threads
-        p.flash_attn_type = (
-            lib.LLAMA_FLASH_ATTN_TYPE_AUTO if params.flash_attn is None
-            else lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if params.flash_attn
-            else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        p.type_k = p.type_v = _KV_TYPES[params.kv_cache_type]
-        p.no_perf = False
-        p.abort_callback = abort_flag_callback
-        p.abort_callback_data = self._abort
-        return p
 
     # --- lifetime -------------------------------------------------------
 
@@ -311,25 +419,9 @@ class Context(_lib.CResource):
     def _next_pos(self) -> int:
         return self._next[-1] if self._next else 0
 
-    def _emb_batch(self) -> Any:
+    def _emb_batch(self) -> EmbdBatch:
         if self._ebatch is None:
-            n, d = self.n_batch, self._n_embd
-            self._emb_mem = mem = {
-                "embd": ffi.new("float[]", n * d),
-                "pos": ffi.new("llama_pos[]", 4 * n),
-                "n_seq_id": ffi.new("int32_t[]", [1] * n),
-                "seq": ffi.new("llama_seq_id[]", n),
-                "logits": ffi.new("int8_t[]", n),
-            }
-            mem["seq_ptrs"] = ffi.new("llama_seq_id *[]", [mem["seq"] + i for i in range(n)])
-            eb = ffi.new("llama_batch *")
-            eb.token = ffi.NULL
-            eb.embd = mem["embd"]
-            eb.pos = mem["pos"]
-            eb.n_seq_id = mem["n_seq_id"]
-            eb.seq_id = mem["seq_ptrs"]
-            eb.logits = mem["logits"]
-            self._ebatch = eb
+            self._ebatch = EmbdBatch(self.n_batch, self._n_embd, self._n_pos_per_embd)
         return self._ebatch
 
     def _decode(self, units: Sequence[Any], start: int, logits_out: list[np.ndarray] | None = None) -> None:
@@ -348,23 +440,12 @@ class Context(_lib.CResource):
             if isinstance(u, tuple):  # rows of one Embeddings chunk
                 chunk, k = u
                 m = min(n_batch, chunk.n - k, n - i)
-                b = self._emb_batch()
-                d = self._n_embd
-                ffi.memmove(b.embd, ffi.from_buffer(chunk.data[k:k + m]), m * d * 4)
-                npos = self._n_pos_per_embd
-                pos = np.frombuffer(ffi.buffer(b.pos, 4 * npos * m), dtype=np.int32).reshape(npos, m)
-                pos[:] = chunk.positions_for(npos)[:, k:k + m]
-                for j in range(m):
-                    b.logits[j] = all_logits
-                b.logits[m - 1] = all_logits or i + m == n
-                b.n_tokens = m
-                rc = lib.llama_decode(ctx, b[0])
+                rc = lib.llama_decode(ctx, self._emb_batch().fill(chunk, k, m, all_logits=all_logits,
+                                                                  last_logits=i + m == n))
                 if rc != 0:
                     self._decode_failed(rc)
-                t_row = chunk.positions[0]
-                for j in range(k, k + m):
-                    keys.append((chunk.key, j))
-                    nexts.append(chunk.next_pos if j == chunk.n - 1 else int(t_row[j]) + 1)
+                keys.extend((chunk.key, j) for j in range(k, k + m))
+                nexts.extend(EmbdBatch.nexts(chunk, k, m))
             else:
                 b = self._batch
                 cur = self._next_pos()
@@ -400,21 +481,7 @@ class Context(_lib.CResource):
 
     def _units(self, prompt: Sequence[Any]) -> list[Any]:
         """Flatten a prompt (token ids and :class:`Embeddings`) into per-position units."""
-        units: list[Any] = []
-        n_embd = None
-        for part in prompt:
-            if isinstance(part, Embeddings):
-                if n_embd is None:
-                    n_embd = self._n_embd
-                if part.data.shape[1] != n_embd:
-                    raise ValueError(f"embeddings have width {part.data.shape[1]}, the model needs {n_embd}")
-                units.extend((part, j) for j in range(part.n))
-            else:
-                if not 0 <= part < self._n_vocab:
-                    raise errors.TokenizeError(
-                        f"token id {part} is outside the vocabulary (0..{self._n_vocab - 1})", llama_log="")
-                units.append(part)
-        return units
+        return flatten_prompt(prompt, self._n_vocab, self._n_embd)
 
     def _prepare(self, units: Sequence[Any]) -> int:
         """Keep the cached prefix shared with ``units``; return how many are cached."""
@@ -426,16 +493,7 @@ class Context(_lib.CResource):
                 " (create the Model with a larger n_ctx)"
             )
         keys = self._keys
-        n = 0
-        for a, u in zip(keys, units):
-            if a != (u if not isinstance(u, tuple) else (u[0].key, u[1])):
-                break
-            n += 1
-        if n == len(units):
-            n -= 1  # the last unit must be evaluated again to get its logits
-        # never split an embedding chunk: its rows share the t position
-        while n > 0 and isinstance(units[n], tuple) and units[n][1] > 0:
-            n -= 1
+        n = reusable_prefix(keys, units)
         if n < len(keys):
             p0 = self._next[n - 1] if n > 0 else 0
             if n == 0 or not lib.llama_memory_seq_rm(self._mem, 0, p0, -1):
@@ -547,6 +605,25 @@ class Context(_lib.CResource):
                 stop=out.stop_hit,
             )
 
+    def save_state(self) -> "tuple[bytes, list[Any], list[int]]":
+        """The KV cache's llama.cpp state with what it holds: ``(payload, keys, nexts)``
+        (see :meth:`pyllama_ernie.Model.save_state`)."""
+        with self._using():
+            if not self._keys:
+                raise ValueError("no conversation to save: generate first")
+            return seq_payload(self._ptr, 0), list(self._keys), list(self._next)
+
+    def load_state(self, payload: bytes, keys: list[Any], nexts: list[int]) -> int:
+        """Replace the KV cache with a saved state (see :meth:`pyllama_ernie.Model.load_state`)."""
+        if len(keys) > self.n_ctx:
+            raise PromptTooLongError(f"the saved conversation has {len(keys)} positions; the context holds "
+                                     f"{self.n_ctx}", n_prompt=len(keys), n_ctx=self.n_ctx)
+        with self._using():
+            self._clear()
+            seq_restore(self._ptr, 0, payload)
+            self._keys, self._next = list(keys), list(nexts)
+            return len(keys)
+
     def _step(self, tok: int) -> bool:
         """Evaluate one generated token after the cache; False if it was cancelled inside the decode."""
         b = self._batch
@@ -586,10 +663,11 @@ class _Picker:
                 if not isinstance(u, tuple):
                     self._sampler.accept(u)
 
-    def pick(self, ctx: Any) -> int:
+    def pick(self, ctx: Any, idx: int = -1) -> int:
+        """The next token from the logits of batch row ``idx`` (-1: the last)."""
         if self._sampler is not None:
-            return self._sampler.sample(ctx)
-        row = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, -1), self._n_vocab * 4), dtype=np.float32)
+            return self._sampler.sample(ctx, idx)
+        row = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(ctx, idx), self._n_vocab * 4), dtype=np.float32)
         tok = int(row.argmax())
         if tok in self._banned:  # rare: mask the banned tokens and look again
             row = row.copy()

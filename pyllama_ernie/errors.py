@@ -18,6 +18,8 @@ __all__ = [
     "BusyError",
     "DecodeError",
     "PromptTooLongError",
+    "QueueFullError",
+    "StateFileError",
     "TokenizeError",
     "QuantizeError",
     "ImageError",
@@ -74,7 +76,41 @@ class DecodeError(ErnieError):
 
 
 class PromptTooLongError(_NotFromLlama, DecodeError, ValueError):
-    """The input does not fit in the context window."""
+    """The input does not fit in the context window.
+
+    ``n_prompt`` is the prompt's length in positions and ``n_ctx`` the window (None where
+    not known)."""
+
+    def __init__(self, message: str, *, n_prompt: int | None = None, n_ctx: int | None = None,
+                 **kw: object) -> None:
+        super().__init__(message, **kw)
+        self.n_prompt = n_prompt
+        self.n_ctx = n_ctx
+
+
+class QueueFullError(_NotFromLlama, ContextError):
+    """A model serving several sequences (``n_parallel``) has no room for another waiting
+    request: every slot is busy and ``max_queue`` requests already wait. ``retry_after`` is
+    a suggested wait in seconds."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, **kw: object) -> None:
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+
+class StateFileError(_NotFromLlama, ErnieError, ValueError):
+    """A saved conversation state cannot be used: not such a file, damaged, from a newer
+    version of the package, or saved from another model or with other context settings.
+
+    ``reason`` says which, for an app that handles them differently (e.g. re-evaluating
+    the conversation's text when the state belongs to another model): ``"foreign"`` (not
+    a state file), ``"version"``, ``"damaged"``, ``"too_large"`` (over ``max_payload``),
+    ``"model"`` or ``"context"``.
+    """
+
+    def __init__(self, message: str, *, reason: str = "damaged", **kw: object) -> None:
+        super().__init__(message, **kw)
+        self.reason = reason
 
 
 class TokenizeError(ErnieError, ValueError):

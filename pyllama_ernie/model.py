@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,9 +23,10 @@ from typing import Any, Callable, Union
 
 import numpy as np
 
-from . import _lib, chat
+from . import _aio, _lib, chat, state_file
 from ._lib import ModelHandle, default_threads, ffi, lib
-from .context import Context
+from .batching import Engine
+from .context import Context, flatten_prompt
 from .errors import BusyError, ClosedError, ImageError, PromptTooLongError
 from .gguf_check import check_gguf_file, validate_gguf
 from .multimodal import multimodal_prompt
@@ -96,6 +98,15 @@ class Model(_lib.CResource):
             runs on the GPU: True for every layer, an int N for the first N layers.
             ERNIE-4.5-VL-28B-A3B at Q4_K_M then needs a few GB of GPU memory.
         mmproj_gpu: run the vision encoder on the GPU (default: when layers are offloaded).
+        n_parallel: serve this many requests at once from one context (continuous
+            batching, see :mod:`pyllama_ernie.batching`): calls from several threads or
+            asyncio tasks share each decode step instead of taking turns. Each request
+            gets a window of ``n_ctx`` positions (the KV cache holds ``n_parallel * n_ctx``).
+            None (default): one context whose calls take turns.
+        max_queue: with ``n_parallel``, how many requests may wait for a free sequence;
+            one more raises :class:`~pyllama_ernie.errors.QueueFullError`.
+        kv_unified: with ``n_parallel``, one KV buffer shared by the sequences (default;
+            every step is one graph) or one per sequence.
 
     The context settings are kept as :attr:`context_params` (a
     :class:`~pyllama_ernie.values.ContextParams`) and the offload settings as
@@ -123,8 +134,14 @@ class Model(_lib.CResource):
         split_mode: str = "layer",
         cpu_moe: bool | int = False,
         mmproj_gpu: bool | None = None,
+        n_parallel: int | None = None,
+        max_queue: int = 64,
+        kv_unified: bool = True,
     ) -> None:
         self._model: ModelHandle | None = None
+        self._engine: Engine | None = None
+        self._counts = dict.fromkeys(("requests_total", "prompt_tokens_total", "prompt_tokens_cached_total",
+                                      "completion_tokens_total", "cancelled_total"), 0)
         # guards _closing and _contexts; close() runs once at a time
         self._lock = threading.Lock()
         self._close_lock = threading.RLock()
@@ -155,7 +172,11 @@ class Model(_lib.CResource):
             self.n_embd = self._model.n_embd
             #: rope position rows per input embedding (4 for M-RoPE models such as ERNIE-4.5-VL)
             self.n_pos_per_embd = self._model.n_pos_per_embd
-            self._default_ctx = self._open_context(self.context_params)
+            if n_parallel is None:
+                self._default_ctx = self._open_context(self.context_params)
+            else:
+                self._engine = Engine(self._model, self.vocab, self.context_params, n_parallel, max_queue,
+                                      kv_unified=kv_unified)
             if mmproj_path is not None:
                 use_gpu = self.offload.uses_gpu if mmproj_gpu is None else bool(mmproj_gpu and self.offload.gpus)
                 self.projector = Projector(mmproj_path, self._model, n_threads=n_threads or default_threads(),
@@ -198,6 +219,8 @@ class Model(_lib.CResource):
             with self._lock:
                 self._closing = True
                 contexts = list(self._contexts)
+            if self._engine is not None:
+                self._engine.close()
             if self._default_ctx is not None and self._default_ctx not in contexts:
                 contexts.append(self._default_ctx)
             for ctx in contexts:  # stop them all first, then wait for each
@@ -245,10 +268,36 @@ class Model(_lib.CResource):
 
     @property
     def ctx(self) -> Context:
-        """The default context used by :meth:`logits`, :meth:`generate` and :meth:`stream`."""
+        """The default context used by :meth:`logits`, :meth:`generate` and :meth:`stream`.
+
+        With ``n_parallel`` generation goes through the batching engine instead, and this
+        context (its own KV cache) is made on first use, for :meth:`logits`."""
         self._handle()
-        assert self._default_ctx is not None
+        if self._default_ctx is None:
+            with self._close_lock:
+                if self._default_ctx is None:
+                    self._default_ctx = self._open_context(self.context_params)
         return self._default_ctx
+
+    @property
+    def n_parallel(self) -> int | None:
+        """Requests served at once (None: one context whose calls take turns)."""
+        return self._engine.n_parallel if self._engine is not None else None
+
+    def stats(self) -> dict[str, int]:
+        """Counters since the model was loaded: ``requests_total``, ``prompt_tokens_total``,
+        ``prompt_tokens_cached_total`` (prompt positions found in the KV cache),
+        ``completion_tokens_total``, ``cancelled_total``; and gauges: ``n_parallel``, ``busy``
+        (requests generating), ``queued`` (requests waiting for a sequence; always 0 without
+        ``n_parallel``, where waiting threads are not counted) and ``max_queue``."""
+        if self._engine is not None:
+            return self._engine.stats()
+        ctx = self._default_ctx
+        with self._lock:
+            out = {"n_parallel": 1, "busy": int(ctx is not None and ctx._owner is not None), "queued": 0,
+                   "max_queue": 0}
+            out.update(self._counts)
+        return out
 
     # --- metadata -------------------------------------------------------
 
@@ -268,6 +317,10 @@ class Model(_lib.CResource):
 
     @property
     def n_ctx(self) -> int:
+        """The context window of one request, in positions."""
+        if self._engine is not None:
+            self._handle()
+            return self._engine.n_ctx
         return self.ctx.n_ctx
 
     @property
@@ -344,7 +397,7 @@ class Model(_lib.CResource):
         """(token ids and Embeddings, images and videos encoded for it)."""
         if images or videos:
             return multimodal_prompt(self.vocab, self._projector(), prompt, list(images), list(videos),
-                                     self.ctx.n_ctx, add_special=add_special)
+                                     self.n_ctx, add_special=add_special)
         if isinstance(prompt, str):
             toks: list[Any] = self.vocab.tokenize(prompt, add_special=add_special)
         elif isinstance(prompt, (bytes, bytearray)):
@@ -491,21 +544,39 @@ class Model(_lib.CResource):
     def _run(self, prompt: Prompt, req: _Request, stream: bool) -> Iterator[str | Completion]:
         """Check and build the prompt now; return the generator of pieces and the final Completion."""
         tokens, n_encoded = self._prompt(prompt, req.images, req.videos, add_special=req.add_special)
-        ctx = self.ctx
-        if sum(len(t) if isinstance(t, Embeddings) else 1 for t in tokens) > ctx.n_ctx:
+        n_ctx = self.n_ctx
+        n_prompt = sum(len(t) if isinstance(t, Embeddings) else 1 for t in tokens)
+        if n_prompt > n_ctx:
             raise PromptTooLongError(
-                f"the prompt has {len(tokens)} tokens; the context holds {ctx.n_ctx} "
-                "(create the Model with a larger n_ctx)", llama_log="")
-        gen = ctx.generate_tokens(tokens, max_tokens=req.max_tokens, sampling=req.sampling, stop=req.stop,
-                                  ignore_eos=req.ignore_eos, cancel=req.cancel, stream=stream)
+                f"the prompt has {n_prompt} positions; the context holds {n_ctx} "
+                "(create the Model with a larger n_ctx)", n_prompt=n_prompt, n_ctx=n_ctx)
+        engine = self._engine
+        if engine is not None:
+            gen = engine.submit(flatten_prompt(tokens, self.n_vocab, self.n_embd), max_tokens=req.max_tokens,
+                                sampling=req.sampling, stop=req.stop, ignore_eos=req.ignore_eos, cancel=req.cancel,
+                                stream=stream)
+        else:
+            gen = self.ctx.generate_tokens(tokens, max_tokens=req.max_tokens, sampling=req.sampling, stop=req.stop,
+                                           ignore_eos=req.ignore_eos, cancel=req.cancel, stream=stream)
 
         def counted() -> Iterator[str | Completion]:
             for item in gen:
                 if isinstance(item, Completion):
                     item.images_encoded = n_encoded
+                    if engine is None:
+                        self._count(item)
                 yield item
 
         return counted()
+
+    def _count(self, c: Completion) -> None:
+        with self._lock:
+            n = self._counts
+            n["requests_total"] += 1
+            n["prompt_tokens_total"] += c.prompt_tokens
+            n["prompt_tokens_cached_total"] += c.prompt_tokens - c.prompt_tokens_evaluated
+            n["completion_tokens_total"] += c.completion_tokens
+            n["cancelled_total"] += c.finish_reason == "cancelled"
 
     def cancel(self) -> None:
         """Stop what this model's contexts are generating (from any thread).
@@ -518,6 +589,8 @@ class Model(_lib.CResource):
             contexts = list(self._contexts)
         for ctx in contexts:
             ctx.cancel()
+        if self._engine is not None:
+            self._engine.cancel_all()
 
     # --- chat -----------------------------------------------------------
 
@@ -599,6 +672,122 @@ class Model(_lib.CResource):
         if stream:
             return chat.chunks(self.path.name, gen, thinking)
         return chat.completion(self.path.name, _last(gen), thinking)
+
+    def create_completion(
+        self,
+        prompt: Prompt,
+        *,
+        stream: bool = False,
+        max_tokens: int = 256,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        cancel: threading.Event | None = None,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """Complete ``prompt`` (text, tokenized with BOS, or token ids); returns an OpenAI
+        ``text_completion`` dict (``choices[0]["text"]``, ``usage`` as in
+        :meth:`create_chat_completion`).
+
+        With ``stream=True`` returns an iterator of ``text_completion`` chunks, one per
+        piece, the last with an empty text, the ``finish_reason`` and ``usage``. The
+        arguments are those of :meth:`generate`.
+        """
+        req = _Request.make(self.seed, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
+                            cancel=cancel)
+        gen = self._run(prompt, req, stream=stream)
+        if stream:
+            return chat.text_chunks(self.path.name, gen)
+        return chat.text_completion(self.path.name, _last(gen))
+
+    # --- asyncio ------------------------------------------------------------
+
+    async def acreate_chat_completion(self, messages: Sequence[dict[str, Any]], *, stream: bool = False,
+                                      cancel: threading.Event | None = None, **kwargs: Any) -> Any:
+        """:meth:`create_chat_completion` for asyncio: ``await`` it for the dict, or with
+        ``stream=True`` for an async iterator of chunk dicts.
+
+        The prompt is built and the images encoded in a worker thread, so the event loop
+        never blocks; errors in the arguments are raised by the ``await``. Cancelling the
+        awaiting task, or closing the iterator early (``aclose()``, leaving ``async for``),
+        ends the generation within one token. With ``n_parallel`` concurrent calls share
+        the decode steps; without it they take turns.
+        """
+        ev = _aio.CancelEvent(cancel)
+
+        def make() -> Any:
+            return self.create_chat_completion(messages, stream=stream, cancel=ev, **kwargs)  # type: ignore[arg-type]
+
+        if stream:
+            return await _aio.stream_in_thread(make, ev)
+        return await _aio.call_in_thread(make, ev)
+
+    async def acreate_completion(self, prompt: Prompt, *, stream: bool = False,
+                                 cancel: threading.Event | None = None, **kwargs: Any) -> Any:
+        """:meth:`create_completion` for asyncio, as :meth:`acreate_chat_completion` is for chat."""
+        ev = _aio.CancelEvent(cancel)
+
+        def make() -> Any:
+            return self.create_completion(prompt, stream=stream, cancel=ev, **kwargs)  # type: ignore[arg-type]
+
+        if stream:
+            return await _aio.stream_in_thread(make, ev)
+        return await _aio.call_in_thread(make, ev)
+
+    async def agenerate(self, prompt: Prompt, *, cancel: threading.Event | None = None, **kwargs: Any) -> Completion:
+        """:meth:`generate` for asyncio (a cancelled task ends the generation within one token)."""
+        ev = _aio.CancelEvent(cancel)
+        return await _aio.call_in_thread(lambda: self.generate(prompt, cancel=ev, **kwargs), ev)  # type: ignore[arg-type]
+
+    async def astream(self, prompt: Prompt, *, cancel: threading.Event | None = None, **kwargs: Any) -> Any:
+        """:meth:`stream` for asyncio: ``await`` it for an async iterator of text pieces."""
+        ev = _aio.CancelEvent(cancel)
+        return await _aio.stream_in_thread(lambda: self.stream(prompt, cancel=ev, **kwargs), ev)  # type: ignore[arg-type]
+
+    # --- conversations on disk -----------------------------------------------
+
+    def _state_identity(self) -> "tuple[dict[str, Any], dict[str, Any]]":
+        ptr = self._handle()
+        model = {"desc": self.description, "n_embd": self.n_embd, "n_layer": self.n_layer, "n_vocab": self.n_vocab,
+                 "n_params": int(lib.llama_model_n_params(ptr)), "size": int(lib.llama_model_size(ptr))}
+        context = {"kv_cache_type": self.context_params.kv_cache_type, "n_pos_per_embd": self.n_pos_per_embd}
+        return model, context
+
+    def save_state(self, path: PathLike) -> int:
+        """Save the last conversation's KV cache (images included) to ``path``.
+
+        The conversation is the one the last finished call evaluated: its prompt and
+        answer. :meth:`load_state` later puts it back, so the next call that continues
+        it evaluates only what is new. The file is written atomically and holds the
+        model's identity (a foreign file is refused on load). Returns the positions saved.
+        With ``n_parallel`` save right after the call: once another request reuses that
+        sequence this raises :class:`BusyError`.
+        """
+        model_id, ctx_id = self._state_identity()
+        if self._engine is not None:
+            payload, keys, nexts = self._engine.save_state()
+        else:
+            payload, keys, nexts = self.ctx.save_state()
+        state_file.write_state(path, state_file.SeqState(model=model_id, context=ctx_id, keys=keys, nexts=nexts,
+                                                         payload=payload, created=time.time()))
+        return len(keys)
+
+    def load_state(self, path: PathLike) -> int:
+        """Load a conversation saved by :meth:`save_state` (by this model, or one with the same
+        weights and KV cache type). The file is checked before llama.cpp reads it: a damaged,
+        foreign or newer-format file raises :class:`~pyllama_ernie.state_file.StateFileError`.
+        Returns the positions loaded; the next call whose prompt starts with the saved
+        conversation evaluates only the rest."""
+        model_id, ctx_id = self._state_identity()
+        st = state_file.read_state(path, model=model_id, context=ctx_id)
+        if self._engine is not None:
+            return self._engine.load_state(st.payload, st.keys, st.nexts)
+        return self.ctx.load_state(st.payload, st.keys, st.nexts)
 
 
 def _last(gen: Iterator[str | Completion]) -> Completion:
