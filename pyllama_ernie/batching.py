@@ -57,6 +57,40 @@ class _Job:
         return self.stopped or (self.cancel is not None and self.cancel.is_set())
 
 
+class _Results:
+    """The iterator of one request's pieces and Completion. Closing it, or dropping it (also
+    before its first item), cancels the request: the engine drops it at its next step."""
+
+    __slots__ = ("_job", "_done", "__weakref__")
+
+    def __init__(self, job: _Job) -> None:
+        self._job = job
+        self._done = False
+
+    def __iter__(self) -> "_Results":
+        return self
+
+    def __next__(self) -> str | Completion:
+        if self._done:
+            raise StopIteration
+        item = self._job.results.get()
+        if item is _END or isinstance(item, BaseException):
+            self.close()
+            if item is _END:
+                raise StopIteration
+            raise item
+        if isinstance(item, Completion):
+            self._done = True
+        return item
+
+    def close(self) -> None:
+        self._done = True
+        self._job.stopped = True  # a no-op once the request is done
+
+    def __del__(self) -> None:
+        self._job.stopped = True
+
+
 class _Slot:
     """One sequence of the context: what its KV cache holds and the request it serves."""
 
@@ -144,6 +178,8 @@ class Engine(_lib.CResource):
             self.n_ctx = per_seq if kv_unified else int(lib.llama_n_ctx_seq(ptr))
             self.n_batch = int(lib.llama_n_batch(ptr))
             self.n_ubatch = int(lib.llama_n_ubatch(ptr))
+            if n_parallel > self.n_ubatch:  # every step must hold one token of each sequence
+                raise ValueError(f"n_parallel ({n_parallel}) must not exceed n_ubatch ({self.n_ubatch})")
             self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
             for i in range(self.n_batch):
                 self._batch.n_seq_id[i] = 1
@@ -180,6 +216,7 @@ class Engine(_lib.CResource):
         with self._cond:
             if self._closing:
                 raise ClosedError("the model is closed")
+            self._purge_waiting()
             busy = sum(s.job is not None for s in self._slots)
             if busy + len(self._waiting) >= self.n_parallel + self.max_queue:
                 raise QueueFullError(
@@ -192,18 +229,7 @@ class Engine(_lib.CResource):
 
     @staticmethod
     def _results(job: _Job) -> Iterator[str | Completion]:
-        try:
-            while True:
-                item = job.results.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, Completion):
-                    return
-        finally:
-            job.stopped = True  # the engine drops it at its next step (no-op once done)
+        return _Results(job)
 
     def cancel_all(self) -> None:
         """End every request within one step: generating ones finish with ``"cancelled"`` and
@@ -219,6 +245,7 @@ class Engine(_lib.CResource):
         ``prompt_tokens_cached_total`` (prompt positions found in a sequence's KV cache),
         ``completion_tokens_total`` and ``cancelled_total``."""
         with self._cond:
+            self._purge_waiting()
             out = {"n_parallel": self.n_parallel, "busy": sum(s.job is not None for s in self._slots),
                    "queued": len(self._waiting), "max_queue": self.max_queue}
             out.update(self._counters)
@@ -278,6 +305,18 @@ class Engine(_lib.CResource):
                 self._closing = True
             return
         self._fail_all(None)
+
+    def _purge_waiting(self) -> None:
+        """Drop the waiting requests whose callers went away or cancelled (under _cond), so they
+        no longer hold places in the queue."""
+        if any(job.cancelled() for job in self._waiting):
+            keep = collections.deque()
+            for job in self._waiting:
+                if job.cancelled():
+                    self._finish_unstarted(job)
+                else:
+                    keep.append(job)
+            self._waiting = keep
 
     def _take_waiting(self) -> list[tuple[_Slot, _Job]]:
         """Give free slots to waiting jobs (under _cond): the slot whose cache keeps the most of

@@ -582,8 +582,9 @@ class Model(_lib.CResource):
         """Stop what this model's contexts are generating (from any thread).
 
         A generation ends within one token with ``finish_reason == "cancelled"``;
-        a prompt being evaluated stops with a :class:`DecodeError`. The model
-        stays usable.
+        a prompt being evaluated stops with a :class:`DecodeError` (with
+        ``n_parallel``: requests reading their prompt or waiting end with an empty
+        ``"cancelled"`` completion). The model stays usable.
         """
         with self._lock:
             contexts = list(self._contexts)
@@ -634,6 +635,7 @@ class Model(_lib.CResource):
         repeat_penalty: float = 1.0,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
+        ignore_eos: bool = False,
         enable_thinking: bool | None = None,
         allow_remote: bool = False,
         chat_template: str | None = None,
@@ -666,8 +668,9 @@ class Model(_lib.CResource):
         bos = self.vocab.token_text(self.bos_token)
         thinking = chat.opens_thinking(prompt)
         req = _Request.make(self.seed, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop, images=images,
-                            videos=videos, cancel=cancel, add_special=not (bos and prompt.startswith(bos)))
+                            min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop, ignore_eos=ignore_eos,
+                            images=images, videos=videos, cancel=cancel,
+                            add_special=not (bos and prompt.startswith(bos)))
         gen = self._run(prompt, req, stream=stream)
         if stream:
             return chat.chunks(self.path.name, gen, thinking)

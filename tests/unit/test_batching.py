@@ -137,6 +137,23 @@ def test_queue_full_raises_and_a_slot_frees(tiny_gguf):
         assert m.stats()["cancelled_total"] == 1
 
 
+def test_an_abandoned_waiting_request_frees_its_place(tiny_gguf):
+    path = tiny_gguf("ernie4_5")
+    with pe.Model(path, n_ctx=256, n_parallel=1, max_queue=1) as m:
+        held = m.stream("hold the only sequence", max_tokens=240, ignore_eos=True, temperature=0)
+        next(held)
+        waiting = m.stream("never read", max_tokens=2, temperature=0)
+        assert m.stats()["queued"] == 1
+        del waiting  # dropped unread: its place in the queue is free again
+        assert m.stats()["queued"] == 0
+        again = m.stream("takes the place", max_tokens=2, temperature=0)
+        with pytest.raises(QueueFullError):
+            m.generate("one too many", max_tokens=2)
+        held.close()
+        assert isinstance("".join(again), str)
+        assert m.stats()["cancelled_total"] == 2
+
+
 def test_cancel_one_request_leaves_the_others(tiny_gguf):
     path = tiny_gguf("ernie4_5")
     with pe.Model(path, n_ctx=256, n_parallel=3, **EXACT) as m:
