@@ -59,6 +59,10 @@ FLOORS: dict[str, tuple[int, str]] = {
     "bench": (6, "the bench verb"),
     "selfcheck": (6, "the selfcheck verb"),
     "info": (6, "the info verb: a GGUF file's summary"),
+    "server": (6, "the serve verb: an OpenAI-compatible HTTP server (Starlette + uvicorn) over the async API"),
+    "_openai_request": (6, "the server's request parsing: OpenAI fields -> checked Model arguments"),
+    "_server_media": (6, "the server's image policy: data:, http(s) and local images checked and fetched"),
+    "_server_metrics": (6, "the server's /metrics: counters and gauges in Prometheus' text format"),
 }
 
 #: the package beside the house: HF checkpoint -> GGUF, torch-free

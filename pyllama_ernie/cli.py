@@ -1,4 +1,4 @@
-"""``python -m pyllama_ernie``: run, chat, bench, convert, quantize, info, selfcheck, system-info.
+"""``python -m pyllama_ernie``: run, chat, serve, bench, convert, quantize, info, selfcheck, system-info.
 
 Exit codes: 0 success, 1 runtime error (one line on stderr), 2 usage error,
 130 interrupted (Ctrl-C).
@@ -117,6 +117,42 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             return ChatSession(model, args, template, sys.stdin, sys.stdout, sys.stderr).run()
         finally:
             logger.setLevel(level)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from . import server
+    except ImportError as e:  # starlette / uvicorn / httpx are an extra
+        raise ValueError(f"serve needs the server extra ({e.name or e} is missing): "
+                         "pip install 'pyllama_ernie[server]'") from None
+    from .model import Model
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be from 0 to 65535, not {args.port}")
+    if args.parallel < 1 or args.max_queue < 0:
+        raise ValueError("--parallel must be >= 1 and --max-queue >= 0")
+    if args.max_body_mb <= 0:
+        raise ValueError("--max-body-mb must be > 0")
+    if args.allow_local_media and not os.path.isdir(os.path.expanduser(args.allow_local_media)):
+        raise ValueError(f"--allow-local-media: {args.allow_local_media!r} is not a directory")
+    _check_files(args)
+    if not args.api_key and not server.is_loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
+              "model; set --api-key (or PYLLAMA_ERNIE_API_KEY)", file=sys.stderr, flush=True)
+    safe_output(sys.stdout)
+    with Model(args.model, n_ctx=args.n_ctx, n_threads=args.threads, seed=args.seed,
+               progress=_progress_bar("loading"), mmproj_path=args.mmproj, n_parallel=args.parallel,
+               max_queue=args.max_queue, **_device_kwargs(args)) as model:
+        alias = args.model_alias or model.path.name
+
+        def ready(url: str) -> None:
+            print(f"listening on {url} (OpenAI base URL {url}/v1, model {alias!r}); Ctrl-C stops", flush=True)
+
+        server.serve(model, host=args.host, port=args.port, ready=ready, alias=alias, api_key=args.api_key,
+                     allow_remote_media=args.allow_remote_media, allow_local_media=args.allow_local_media,
+                     cors_origins=args.cors_origin or (), max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    print("stopped", file=sys.stderr)
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -256,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(ch, max_tokens=512)
     ch.set_defaults(func=_cmd_chat)
 
+    _add_serve_parser(sub)
+
     b = sub.add_parser("bench", help="measure prompt processing, generation, image encoding, memory and bandwidth",
                        description="Measure a model: prompt processing (tok/s), generation (tok/s), the host time "
                                    "per token, image encoding and time to first token (with --mmproj), peak "
@@ -300,6 +338,40 @@ def build_parser() -> argparse.ArgumentParser:
     y = sub.add_parser("system-info", help="print the build and system information as JSON")
     y.set_defaults(func=_cmd_system)
     return ap
+
+
+def _add_serve_parser(sub: Any) -> None:
+    sv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API",
+                        description="Serve a model over an OpenAI-compatible HTTP API: /v1/chat/completions "
+                                    "(text and images, streaming), /v1/completions, /v1/models, /health and "
+                                    "/metrics. Needs the server extra: pip install 'pyllama_ernie[server]'. "
+                                    "See docs/serving.md.")
+    sv.add_argument("model", help="the model .gguf file")
+    sv.add_argument("--mmproj", default=None, help="the vision projector .gguf of an ERNIE-4.5-VL model")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="the address to listen on (default 127.0.0.1: this machine only; for others, set --api-key)")
+    sv.add_argument("--port", type=int, default=8080, help="the port (default 8080; 0 picks a free one)")
+    sv.add_argument("-np", "--parallel", type=int, default=1,
+                    help="requests generated together, continuously batched (default 1)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests that may wait for a free slot; more get 429 (default 64)")
+    sv.add_argument("-c", "--ctx-size", "--n-ctx", dest="n_ctx", type=int, default=4096,
+                    help="context window of each request in tokens (default 4096)")
+    sv.add_argument("-t", "--threads", type=int, default=None)
+    sv.add_argument("--seed", type=int, default=None, help="the seed of requests that give none (default random)")
+    sv.add_argument("--api-key", default=os.environ.get("PYLLAMA_ERNIE_API_KEY") or None,
+                    help="require 'Authorization: Bearer KEY' (default: $PYLLAMA_ERNIE_API_KEY; none: no key)")
+    sv.add_argument("--model-alias", default=None, metavar="NAME",
+                    help="the model's name in the API (default: the file name)")
+    sv.add_argument("--allow-remote-media", action="store_true",
+                    help="download http(s) image URLs given in messages (at most 20 MB, 30 s each)")
+    sv.add_argument("--allow-local-media", default=None, metavar="DIR",
+                    help="let messages name image files (paths or file:// URLs) inside DIR")
+    sv.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                    help="allow browser pages from ORIGIN to call the API (repeatable; '*' for any)")
+    sv.add_argument("--max-body-mb", type=float, default=32, help="the largest request body in MB (default 32)")
+    _add_device_args(sv)
+    sv.set_defaults(func=_cmd_serve)
 
 
 def _split_global(argv: list[str]) -> tuple[str | None, list[str]]:
