@@ -31,7 +31,7 @@ from .errors import BusyError, ClosedError, ImageError, PromptTooLongError
 from .gguf_check import check_gguf_file, validate_gguf
 from .multimodal import multimodal_prompt
 from .offload import OffloadPlan
-from .values import Completion, ContextParams, Embeddings, Features, SamplingParams
+from .values import Completion, ContextParams, Embeddings, Features, Media, SamplingParams
 from .vision import Projector
 from .vocab import Vocab
 
@@ -396,8 +396,8 @@ class Model(_lib.CResource):
                 add_special: bool = True) -> "tuple[list[Any], int]":
         """(token ids and Embeddings, images and videos encoded for it)."""
         if images or videos:
-            return multimodal_prompt(self.vocab, self._projector(), prompt, list(images), list(videos),
-                                     self.n_ctx, add_special=add_special)
+            return multimodal_prompt(self.vocab, self._projector(), prompt, list(images), list(videos), self.n_ctx,
+                                     add_special=add_special, encode=self._encode)
         if isinstance(prompt, str):
             toks: list[Any] = self.vocab.tokenize(prompt, add_special=add_special)
         elif isinstance(prompt, (bytes, bytearray)):
@@ -417,6 +417,14 @@ class Model(_lib.CResource):
         if self.projector is None:
             raise ImageError("this model has no vision projector: load it with Model(..., mmproj_path=...)")
         return self.projector
+
+    def _encode(self, media: Media) -> "tuple[Features, bool]":
+        """Encode prepared media; with ``n_parallel`` in the engine's thread (see
+        :meth:`pyllama_ernie.batching.Engine.call` for why)."""
+        proj = self._projector()
+        if self._engine is None:
+            return proj.features(media)
+        return self._engine.call(lambda: proj.features(media))
 
     @property
     def media_cache_size(self) -> int:
@@ -440,16 +448,14 @@ class Model(_lib.CResource):
         The image is resized as the reference processor resizes it; the result's
         ``data`` has one row per image token (row-major over ``grid_h x grid_w``).
         """
-        proj = self._projector()
-        return proj.features(proj.prepare_image(image))[0]
+        return self._encode(self._projector().prepare_image(image))[0]
 
     def video_features(self, frames: Sequence[Any]) -> Features:
         """Encode a video given as its frames (an odd count is padded by repeating the last frame).
 
         ``data`` holds ``n_frames`` grids (one per pair of frames) one after the other.
         """
-        proj = self._projector()
-        return proj.features(proj.prepare_video(frames))[0]
+        return self._encode(self._projector().prepare_video(frames))[0]
 
     # --- evaluation -----------------------------------------------------
 

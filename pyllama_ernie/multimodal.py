@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 from .errors import PromptTooLongError, TokenizeError
 from .mrope import image_embeddings
-from .values import IMAGE_MARKER, VIDEO_MARKER, Embeddings, Media
+from .values import IMAGE_MARKER, VIDEO_MARKER, Embeddings, Features, Media
 from .vision import Projector
 from .vocab import Vocab
 
@@ -36,14 +36,16 @@ _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 
 
 def multimodal_prompt(vocab: Vocab, projector: Projector, prompt: str, images: Sequence[Any],
-                      videos: Sequence[Any], n_ctx: int,
-                      add_special: bool = True) -> tuple[list[int | Embeddings], int]:
+                      videos: Sequence[Any], n_ctx: int, add_special: bool = True,
+                      encode: Callable[[Media], tuple[Features, bool]] | None = None,
+                      ) -> tuple[list[int | Embeddings], int]:
     """Token ids and :class:`Embeddings` for ``prompt`` with its images and videos in place.
 
     Returns the prompt and how many images and videos went through the encoder
     (the others came from the projector's feature cache). Raises before any
     encoding when the markers and the media do not match or the prompt would
-    not fit in ``n_ctx`` positions.
+    not fit in ``n_ctx`` positions. ``encode`` runs ``projector.features`` (default:
+    in this thread; the batching engine runs it in its own).
     """
     if not isinstance(prompt, str):
         raise TypeError("with images or videos, the prompt must be a str containing the markers")
@@ -76,7 +78,7 @@ def multimodal_prompt(vocab: Vocab, projector: Projector, prompt: str, images: S
     for slot, m in zip(slots, media):
         out.extend(tokens[prev:slot])
         pos += slot - prev
-        feats, encoded = projector.features(m)
+        feats, encoded = projector.features(m) if encode is None else encode(m)
         n_encoded += encoded
         emb = image_embeddings(feats.data, feats.grid_h, feats.grid_w, pos,
                                start=start_end[m.kind][0], end=start_end[m.kind][1], n_frames=feats.n_frames)

@@ -256,3 +256,23 @@ def test_invalid_engine_settings_raise(tiny_gguf):
         with pytest.raises(ValueError):
             pe.Model(path, n_ctx=256, **bad)
     assert _lib.live_handles().get("Model", 0) == 0
+
+
+def test_images_are_encoded_in_the_engine_thread(vl, monkeypatch):
+    """A second OpenMP team (an encode in the caller's thread) made libgomp throttle every
+    team's spin-waits, and each decode step of the engine slower (batching.Engine.call)."""
+    from pyllama_ernie.vision import Projector
+
+    path, mmproj = vl
+    seen = []
+    features = Projector.features
+
+    def spy(self, media):
+        seen.append(threading.current_thread().name)
+        return features(self, media)
+
+    monkeypatch.setattr(Projector, "features", spy)
+    with pe.Model(path, mmproj_path=mmproj, n_ctx=512, n_parallel=2) as m:
+        m.generate(f"see {IMAGE_MARKER}", images=[_rgb(28, 28, 1)], max_tokens=2, temperature=0)
+        m.image_features(_rgb(28, 56, 2))
+    assert seen == ["pyllama_ernie-engine"] * 2
