@@ -16,7 +16,8 @@ Interface (all session-scoped, built lazily and cached under one temp folder):
   in float32, eval mode (``torch.set_num_threads(1)`` is set).
 * ``reference_tokenizer(name) -> transformers tokenizer`` (``AutoTokenizer``).
 * ``tiny_gguf(arch) -> Path``: ``write_tiny_gguf(arch)`` for "ernie4_5" / "ernie4_5-moe" /
-  "ernie4_5-vl-moe" (needs neither torch nor transformers).
+  "ernie4_5-vl-moe" (needs neither torch nor transformers); ``tiny_vl -> (model, mmproj)``: the
+  synthetic VL model with a tiny projector.
 * ERNIE 4.5 VL (``Ernie4_5_VLMoeForConditionalGeneration``), models ``VL_MODELS`` (the
   ``vl_models`` fixture): ``vl_a`` (head_dim 128, mrope [22, 22, 20]), ``vl_b`` (head_dim 64,
   [11, 11, 10], untied, bf16), ``vl_c`` (head_dim 32, [6, 6, 4], MoE layers 3 and 5 of 6, vision
@@ -277,6 +278,19 @@ def tiny_gguf(_cache_root) -> Callable[[str], Path]:
 
 
 # -- ERNIE 4.5 VL ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_vl(tiny_gguf, _cache_root) -> tuple[Path, Path]:
+    """(model, mmproj): the synthetic ``ernie4_5-vl-moe`` GGUF and a tiny projector for it
+    (``write_tiny_mmproj``, seed 0); no torch needed."""
+    from pyllama_ernie.convert.synthetic import write_tiny_mmproj
+
+    model = tiny_gguf("ernie4_5-vl-moe")
+    mmproj = model.parent / "tiny-mmproj.gguf"
+    if not mmproj.exists():
+        write_tiny_mmproj(mmproj, n_embd_text=64, seed=0)
+    return model, mmproj
+
 
 @pytest.fixture(scope="session")
 def vl_models() -> dict[str, dict[str, Any]]:

@@ -16,17 +16,14 @@ import pytest
 
 import pyllama_ernie as pe
 from pyllama_ernie import IMAGE_MARKER, _lib
-from pyllama_ernie.convert.synthetic import write_tiny_mmproj
 from pyllama_ernie.errors import ClosedError, PromptTooLongError, QueueFullError
 
 EXACT = dict(kv_cache_type="f32", flash_attn=False)
 
 
 @pytest.fixture(scope="module")
-def vl(tiny_gguf, tmp_path_factory):
-    path = tiny_gguf("ernie4_5-vl-moe")
-    mmproj = write_tiny_mmproj(tmp_path_factory.mktemp("mmproj") / "mmproj.gguf", n_embd_text=64, seed=0)
-    return path, mmproj
+def vl(tiny_vl):
+    return tiny_vl
 
 
 def _rgb(h, w, seed):
