@@ -132,8 +132,9 @@ def test_build_tools_configures_like_the_wheel_plus_tools(monkeypatch):
     monkeypatch.setenv("CMAKE_ARGS", "-DGGML_NATIVE=ON -DGGML_CUDA=ON")
     args = bt.cmake_args("unpatched")
     for opt in ("-DGGML_NATIVE=OFF", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_COMMON=ON",
-                "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                "-DLLAMA_OPENSSL=OFF", "-DCMAKE_BUILD_TYPE=Release"):
+                # llama-server for serve_bench.py, without its web UI (no npm) and without TLS
+                "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_OPENSSL=OFF", "-DCMAKE_BUILD_TYPE=Release"):
         assert opt in args, opt
     # CMAKE_ARGS comes last, so it wins over the defaults
     assert args.index("-DGGML_NATIVE=ON") > args.index("-DGGML_NATIVE=OFF")
