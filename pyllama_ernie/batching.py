@@ -401,7 +401,7 @@ class Engine(_lib.CResource):
         if not active:
             return
         generating = [s for s in active if s.pending is not None]
-        reading = [s for s in active if s.pending is None]
+        reading = sorted((s for s in active if s.pending is None), key=lambda s: s.t0)  # first come, first read
         # While streams run, a step is one ubatch: a long prompt comes in chunks between their
         # tokens instead of stalling them for its whole length.
         budget = (self.n_ubatch if generating else self.n_batch) - len(generating)
@@ -415,10 +415,9 @@ class Engine(_lib.CResource):
             if budget <= 0:
                 break
             units, i = s.job.units, s.pos
-            if isinstance(units[i], tuple):
-                if embd_slot is None:
-                    embd_slot = s
-                continue
+            if isinstance(units[i], tuple):  # an image: the rest of the budget, in its own batch
+                embd_slot = s
+                break
             m = 0
             while m < budget and i + m < len(units) and not isinstance(units[i + m], tuple):
                 m += 1
@@ -435,8 +434,8 @@ class Engine(_lib.CResource):
             for s in active:
                 if s.row >= 0:
                     self._advance(s, s.row)
-        if embd_slot is not None and embd_slot.job is not None:
-            self._embd_step(embd_slot, max(budget, 1))
+        if embd_slot is not None and embd_slot.job is not None and budget > 0:
+            self._embd_step(embd_slot, budget)
 
     def _put_token(self, b: Any, n: int, s: _Slot, tok: int, logits: bool) -> int:
         b.token[n] = tok
