@@ -162,6 +162,7 @@ class Engine(_lib.CResource):
         self._waiting: collections.deque[_Job] = collections.deque()
         self._tasks: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self._closing = False
+        self._error: BaseException | None = None  # what stopped the engine thread, if not close()
         self._c_lock = threading.Lock()  # held while llama.cpp runs on this context
         self._counters = dict.fromkeys(("requests_total", "prompt_tokens_total", "prompt_tokens_cached_total",
                                         "completion_tokens_total", "cancelled_total"), 0)
@@ -219,7 +220,7 @@ class Engine(_lib.CResource):
         job = _Job(units, max_tokens, sampling, [s for s in stop if s], ignore_eos, cancel, stream)
         with self._cond:
             if self._closing:
-                raise ClosedError("the model is closed")
+                raise self._closed_error()
             self._purge_waiting()
             busy = sum(s.job is not None for s in self._slots)
             if busy + len(self._waiting) >= self.n_parallel + self.max_queue:
@@ -248,7 +249,7 @@ class Engine(_lib.CResource):
         fut: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             if self._closing:
-                raise ClosedError("the model is closed")
+                raise self._closed_error()
             self._tasks.append((fn, fut))
             self._cond.notify_all()
         return fut.result()
@@ -317,6 +318,12 @@ class Engine(_lib.CResource):
     def closed(self) -> bool:
         return self._ptr is None
 
+    def _closed_error(self) -> ClosedError:
+        if self._error is not None:
+            return ClosedError(f"the model's batching engine stopped after an error ({self._error!r}); "
+                               "close the model and load it again", llama_log="")
+        return ClosedError("the model is closed")
+
     # --- the engine thread --------------------------------------------------
 
     def _run(self) -> None:
@@ -335,9 +342,10 @@ class Engine(_lib.CResource):
                         self._admit(slot, job)
                     self._step()
         except BaseException as e:  # a bug or a failure outside a decode: nobody may hang
-            self._fail_all(e)
             with self._cond:
                 self._closing = True
+                self._error = e
+            self._fail_all(e)
             return
         self._fail_all(None)
 

@@ -273,3 +273,21 @@ def test_images_are_encoded_in_the_engine_thread(vl, monkeypatch):
         m.generate(f"see {IMAGE_MARKER}", images=[_rgb(28, 28, 1)], max_tokens=2, temperature=0)
         m.image_features(_rgb(28, 56, 2))
     assert seen == ["pyllama_ernie-engine"] * 2
+
+
+def test_an_internal_error_fails_its_requests_and_says_why_later(tiny_gguf, monkeypatch):
+    """A failure inside the engine thread (here: the sampler) reaches the waiting callers instead
+    of hanging them, and later calls say what stopped the engine."""
+    from pyllama_ernie import context
+
+    path = tiny_gguf("ernie4_5")
+    with pe.Model(path, n_ctx=256, n_parallel=2) as m:
+        def broken(self, ctx, idx=-1):
+            raise RuntimeError("sampler exploded")
+
+        monkeypatch.setattr(context._Picker, "pick", broken)
+        with pytest.raises(RuntimeError, match="sampler exploded"):
+            m.generate("boom", max_tokens=4)
+        with pytest.raises(ClosedError, match="sampler exploded"):
+            m.generate("after", max_tokens=4)
+    assert _lib.live_handles().get("Engine", 0) == 0
