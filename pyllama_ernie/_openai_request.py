@@ -30,8 +30,8 @@ __all__ = ["ParsedRequest", "RequestError", "model_names_match", "parse_chat", "
 #: which are also llama-server's)
 DEFAULTS = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 
-# names a chat template keyword may not take: they are Model.create_chat_completion's own
-# arguments, or the template's fixed variables
+# names chat_template_kwargs may not use: the renderer's own variables, and the call's own settings (a
+# client that puts max_tokens there most likely meant the setting)
 _RESERVED_TEMPLATE_KWARGS = frozenset({
     "messages", "stream", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "stop",
     "seed", "allow_remote", "chat_template", "cancel", "add_generation_prompt", "bos_token", "eos_token",
@@ -225,7 +225,8 @@ def _common(body: dict[str, Any], n_ctx: int) -> tuple[bool, bool, dict[str, Any
 # --- chat -----------------------------------------------------------------------------------------
 
 def _template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
-    """``chat_template_kwargs`` and ``enable_thinking`` as keyword arguments of the model call."""
+    """``chat_template_kwargs`` (less ``enable_thinking``) and ``enable_thinking`` as keyword
+    arguments of the model call."""
     extra = body.get("chat_template_kwargs")
     if extra is None:
         extra = {}
@@ -244,8 +245,7 @@ def _template_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     if thinking is not None and inner is not None and thinking != inner:
         raise RequestError("'enable_thinking' and 'chat_template_kwargs.enable_thinking' disagree",
                            param="enable_thinking")
-    kwargs["enable_thinking"] = thinking if thinking is not None else inner
-    return kwargs
+    return {"chat_template_kwargs": kwargs, "enable_thinking": thinking if thinking is not None else inner}
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -603,26 +603,26 @@ class Model(_lib.CResource):
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
                             enable_thinking: bool | None = None, chat_template: str | None = None,
-                            **template_kwargs: Any) -> str:
+                            chat_template_kwargs: dict[str, Any] | None = None) -> str:
         """The prompt text the chat template makes of ``messages``, images as ``IMAGE_MARKER``.
 
         Equal to transformers' ``apply_chat_template(..., tokenize=False)`` with
         the same template and arguments, except that each image (video) run the
         template writes is replaced by one ``IMAGE_MARKER`` (``VIDEO_MARKER``).
+        ``chat_template_kwargs`` are more variables for the template (see
+        :meth:`create_chat_completion`).
         """
         return self._render_chat(messages, add_generation_prompt, enable_thinking, chat_template,
-                                 False, template_kwargs)[0]
+                                 False, chat_template_kwargs)[0]
 
     def _render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
                      enable_thinking: bool | None, chat_template: str | None, allow_remote: bool,
-                     template_kwargs: dict[str, Any]) -> "tuple[str, list[Any], list[Any]]":
+                     template_kwargs: dict[str, Any] | None) -> "tuple[str, list[Any], list[Any]]":
         template = chat_template if chat_template is not None else self.chat_template
         if not template:
             raise ValueError("this model has no chat template; pass chat_template=... or use generate()")
+        kwargs = _template_variables(template_kwargs, enable_thinking)
         plain, images, videos = chat.prepare_chat(messages, allow_remote=allow_remote)
-        kwargs = dict(template_kwargs)
-        if enable_thinking is not None:
-            kwargs.setdefault("enable_thinking", enable_thinking)
         text = chat.render_template(template, plain, add_generation_prompt=add_generation_prompt,
                                     bos_token=self.vocab.token_text(self.bos_token),
                                     eos_token=self.vocab.token_text(self.eos_token), **kwargs)
@@ -645,8 +645,8 @@ class Model(_lib.CResource):
         enable_thinking: bool | None = None,
         allow_remote: bool = False,
         chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         cancel: threading.Event | None = None,
-        **template_kwargs: Any,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Answer OpenAI-format ``messages``; returns an OpenAI ``chat.completion`` dict.
 
@@ -661,8 +661,10 @@ class Model(_lib.CResource):
         ``{"type": "image", "image": path | bytes | PIL.Image | ndarray}`` and
         ``{"type": "video", "video": [frames]}``. The GGUF's chat template (or
         ``chat_template``) is rendered in a jinja2 sandbox; ``enable_thinking``
-        and ``template_kwargs`` are passed to it. ``<think>...</think>`` in the
-        answer becomes ``message["reasoning_content"]``.
+        and the variables in ``chat_template_kwargs`` (a dict, as vLLM and
+        llama-server call it) are passed to it. An argument this method does not
+        have raises ``TypeError`` (a typo is never ignored). ``<think>...</think>``
+        in the answer becomes ``message["reasoning_content"]``.
 
         ``usage`` has OpenAI's counts plus ``prompt_tokens_evaluated`` (the rest
         of the prompt came from the KV cache) and ``images_encoded`` (the rest of
@@ -670,7 +672,7 @@ class Model(_lib.CResource):
         "length" or "cancelled" (:meth:`cancel` or ``cancel.set()``).
         """
         prompt, images, videos = self._render_chat(messages, True, enable_thinking, chat_template, allow_remote,
-                                                   template_kwargs)
+                                                   chat_template_kwargs)
         bos = self.vocab.token_text(self.bos_token)
         thinking = chat.opens_thinking(prompt)
         req = _Request.make(self.seed, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -797,6 +799,27 @@ class Model(_lib.CResource):
         if self._engine is not None:
             return self._engine.load_state(st.payload, st.keys, st.nexts)
         return self.ctx.load_state(st.payload, st.keys, st.nexts)
+
+
+#: variables every chat template gets from the renderer itself
+_TEMPLATE_OWN = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token"})
+
+
+def _template_variables(extra: dict[str, Any] | None, enable_thinking: bool | None) -> dict[str, Any]:
+    """The template variables of a call: ``chat_template_kwargs`` checked, with ``enable_thinking``."""
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise TypeError("chat_template_kwargs must be a dict with str keys")
+    own = sorted(_TEMPLATE_OWN.intersection(extra))
+    if own:
+        raise ValueError(f"chat_template_kwargs may not set {', '.join(own)}: the renderer sets them")
+    kwargs = dict(extra)
+    if enable_thinking is not None:
+        if kwargs.get("enable_thinking", enable_thinking) != enable_thinking:
+            raise ValueError("enable_thinking and chat_template_kwargs['enable_thinking'] disagree")
+        kwargs["enable_thinking"] = enable_thinking
+    return kwargs
 
 
 def _last(gen: Iterator[str | Completion]) -> Completion:

@@ -26,7 +26,8 @@ def test_chat_fields_become_model_arguments():
                     "stream_options": {"include_usage": True}, "enable_thinking": True,
                     "chat_template_kwargs": {"tone": "dry"}, "user": "x"}, n_ctx=100)
     assert r.kwargs == {"max_tokens": 7, "temperature": 0.0, "top_p": 0.5, "top_k": 3, "min_p": 0.1,
-                        "repeat_penalty": 1.1, "stop": ["\n"], "seed": 9, "enable_thinking": True, "tone": "dry"}
+                        "repeat_penalty": 1.1, "stop": ["\n"], "seed": 9, "enable_thinking": True,
+                        "chat_template_kwargs": {"tone": "dry"}}
     assert r.stream and r.include_usage and r.messages == MSG and r.model is None
 
 

@@ -262,3 +262,32 @@ def test_two_contexts_in_two_threads_match_sequential(vlm):
     for c in ctxs:
         c.close()
     assert out == seq
+
+
+def test_template_variables_go_in_one_argument_and_typos_raise(tiny_gguf):
+    """Unknown arguments raise TypeError instead of vanishing into the template (a typo such as
+    ``max_token=3`` once ran to the end of the context); template variables go in
+    ``chat_template_kwargs``, with ``enable_thinking`` as a named convenience."""
+    template = "{{ tone }}|{% for m in messages %}{{ m['content'] }}{% endfor %}|{{ enable_thinking }}"
+    msgs = [{"role": "user", "content": "hi"}]
+    with Model(tiny_gguf("ernie4_5"), n_ctx=256) as m:
+        text = m.apply_chat_template(msgs, chat_template=template, chat_template_kwargs={"tone": "dry"},
+                                     enable_thinking=False)
+        assert text == "dry|hi|False"
+        assert m.apply_chat_template(msgs, chat_template=template,
+                                     chat_template_kwargs={"enable_thinking": True}) == "|hi|True"
+        for typo in ({"max_token": 3}, {"temprature": 0.0}, {"response_format": {"type": "json_object"}}):
+            with pytest.raises(TypeError):
+                m.create_chat_completion(msgs, chat_template=template, **typo)
+        with pytest.raises(TypeError):
+            m.apply_chat_template(msgs, chat_template=template, tone="dry")
+        with pytest.raises(ValueError, match="messages"):
+            m.apply_chat_template(msgs, chat_template=template, chat_template_kwargs={"messages": []})
+        with pytest.raises(ValueError, match="disagree"):
+            m.apply_chat_template(msgs, chat_template=template, enable_thinking=True,
+                                  chat_template_kwargs={"enable_thinking": False})
+        with pytest.raises(TypeError):
+            m.apply_chat_template(msgs, chat_template=template, chat_template_kwargs=[("tone", "x")])
+        r = m.create_chat_completion(msgs, chat_template=template, chat_template_kwargs={"tone": "dry"},
+                                     max_tokens=3, temperature=0, ignore_eos=True)
+        assert r["usage"]["completion_tokens"] == 3
