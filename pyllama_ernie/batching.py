@@ -167,10 +167,12 @@ class Engine(_lib.CResource):
         self._counters = dict.fromkeys(("requests_total", "prompt_tokens_total", "prompt_tokens_cached_total",
                                         "completion_tokens_total", "cancelled_total"), 0)
         self._last_slot: _Slot | None = None
-        per_seq = -(-params.n_ctx // 256) * 256  # llama.cpp pads a window to 256
         model_ptr = model.acquire()
         self._model = model
         try:
+            # n_ctx 0 means the training length, per sequence; llama.cpp pads a window to 256
+            n_ctx = params.n_ctx or int(lib.llama_model_n_ctx_train(model_ptr))
+            per_seq = -(-n_ctx // 256) * 256
             p = c_context_params(params, self._abort, n_seq_max=n_parallel, kv_unified=kv_unified,
                                  n_ctx=per_seq * n_parallel)
             errors.clear_log_line()

@@ -247,6 +247,13 @@ def test_async_errors_come_from_the_await(tiny_gguf):
         asyncio.run(main())
 
 
+def test_n_ctx_0_gives_each_sequence_the_training_length(tiny_gguf):
+    path = tiny_gguf("ernie4_5")
+    with pe.Model(path, n_ctx=0, n_parallel=2) as m:
+        assert m.n_ctx == m.n_ctx_train
+        assert m.generate("fits", max_tokens=2, temperature=0, ignore_eos=True).completion_tokens == 2
+
+
 def test_invalid_engine_settings_raise(tiny_gguf):
     path = tiny_gguf("ernie4_5")
     for bad in (dict(n_parallel=0), dict(n_parallel=1.5), dict(n_parallel=1, max_queue=-1)):
