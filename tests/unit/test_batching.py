@@ -247,6 +247,18 @@ def test_async_errors_come_from_the_await(tiny_gguf):
         asyncio.run(main())
 
 
+@pytest.mark.parametrize("n_parallel", [None, 2])
+def test_edges_end_as_one_context_ends_them(tiny_gguf, n_parallel):
+    path = tiny_gguf("ernie4_5")
+    with pe.Model(path, n_ctx=256, n_parallel=n_parallel, **EXACT) as m:
+        zero = m.generate("nothing", max_tokens=0)
+        assert (zero.completion_tokens, zero.finish_reason, zero.text) == (0, "length", "")
+        full = m.generate(list(range(10, 10 + 256)), max_tokens=5, temperature=0)  # fills the window
+        assert (full.completion_tokens, full.finish_reason) == (0, "length")
+        near = m.generate(list(range(10, 10 + 253)), max_tokens=10, temperature=0, ignore_eos=True)
+        assert (near.completion_tokens, near.finish_reason) == (3, "length")
+
+
 def test_n_ctx_0_gives_each_sequence_the_training_length(tiny_gguf):
     path = tiny_gguf("ernie4_5")
     with pe.Model(path, n_ctx=0, n_parallel=2) as m:
