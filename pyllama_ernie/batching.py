@@ -35,12 +35,13 @@ from .errors import ClosedError, DecodeError, PromptTooLongError, QueueFullError
 from .values import Completion, ContextParams, SamplingParams, Timings
 from .vocab import Vocab
 
-__all__ = ["Engine"]
+__all__ = ["COUNTERS", "Engine"]
+
+#: the counters of :meth:`Engine.stats` (and of :meth:`pyllama_ernie.Model.stats` without an engine)
+COUNTERS = ("requests_total", "prompt_tokens_total", "prompt_tokens_cached_total", "completion_tokens_total",
+            "cancelled_total")
 
 T = TypeVar("T")
-
-_END = object()  # a result queue's last item after an error
-
 
 @dataclass(eq=False)
 class _Job:
@@ -64,7 +65,7 @@ class _Results:
     """The iterator of one request's pieces and Completion. Closing it, or dropping it (also
     before its first item), cancels the request: the engine drops it at its next step."""
 
-    __slots__ = ("_job", "_done", "__weakref__")
+    __slots__ = ("_job", "_done")
 
     def __init__(self, job: _Job) -> None:
         self._job = job
@@ -77,10 +78,8 @@ class _Results:
         if self._done:
             raise StopIteration
         item = self._job.results.get()
-        if item is _END or isinstance(item, BaseException):
+        if isinstance(item, BaseException):
             self.close()
-            if item is _END:
-                raise StopIteration
             raise item
         if isinstance(item, Completion):
             self._done = True
@@ -164,8 +163,7 @@ class Engine(_lib.CResource):
         self._closing = False
         self._error: BaseException | None = None  # what stopped the engine thread, if not close()
         self._c_lock = threading.Lock()  # held while llama.cpp runs on this context
-        self._counters = dict.fromkeys(("requests_total", "prompt_tokens_total", "prompt_tokens_cached_total",
-                                        "completion_tokens_total", "cancelled_total"), 0)
+        self._counters = dict.fromkeys(COUNTERS, 0)
         self._last_slot: _Slot | None = None
         model_ptr = model.acquire()
         self._model = model
@@ -232,10 +230,6 @@ class Engine(_lib.CResource):
             self._waiting.append(job)
             self._counters["requests_total"] += 1
             self._cond.notify_all()
-        return self._results(job)
-
-    @staticmethod
-    def _results(job: _Job) -> Iterator[str | Completion]:
         return _Results(job)
 
     def call(self, fn: Callable[[], T]) -> T:
@@ -490,10 +484,7 @@ class Engine(_lib.CResource):
             elif closing:
                 self._fail(s, ClosedError("the model was closed during the call", llama_log=""))
             else:
-                try:
-                    errors.raise_error(DecodeError, "llama_decode", rc)
-                except DecodeError as e:
-                    self._fail(s, e)
+                self._fail(s, errors.error(DecodeError, "llama_decode", rc))
         self._abort[0] = 0 if not closing else 1
         return False
 
@@ -595,12 +586,12 @@ class Engine(_lib.CResource):
 
     # --- state ----------------------------------------------------------------
 
-    def save_state(self, slot: _Slot | None = None) -> tuple[bytes, list[Any], list[int]]:
-        """The llama.cpp state of a slot (default: the one that finished last) with what its
-        cache holds: ``(payload, keys, nexts)``. Raises :class:`BusyError` while that slot
-        serves another request."""
+    def save_state(self) -> tuple[bytes, list[Any], list[int]]:
+        """The llama.cpp state of the slot whose request finished last, with what its cache
+        holds: ``(payload, keys, nexts)``. Raises :class:`BusyError` while that slot serves
+        another request."""
         with self._c_lock:
-            s = slot or self._last_slot
+            s = self._last_slot
             if s is None or not s.keys:
                 raise ValueError("no conversation to save: generate first")
             if s.job is not None:

@@ -186,7 +186,7 @@ class EmbdBatch:
     positions; the memory is owned by cffi and freed with this object."""
 
     def __init__(self, n: int, n_embd: int, n_pos_per_embd: int) -> None:
-        self.n, self._n_embd, self._npos = n, n_embd, n_pos_per_embd
+        self._n_embd, self._npos = n_embd, n_pos_per_embd
         self._mem = mem = {
             "embd": ffi.new("float[]", n * n_embd),
             "pos": ffi.new("llama_pos[]", 4 * n),

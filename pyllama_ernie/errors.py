@@ -24,6 +24,7 @@ __all__ = [
     "QuantizeError",
     "ImageError",
     "EncodeError",
+    "error",
     "raise_error",
 ]
 
@@ -169,10 +170,16 @@ _DECODE_MEANING = {
 }
 
 
-def raise_error(kind: type, what: str, code: int | None = None) -> NoReturn:
-    """Raise ``kind`` for a failed C call ``what`` that returned ``code``."""
+def error(kind: type, what: str, code: int | None = None) -> ErnieError:
+    """The ``kind`` exception for a failed C call ``what`` that returned ``code`` (for a caller
+    that hands it on instead of raising it, such as the batching engine's thread)."""
     if kind is DecodeError or (isinstance(kind, type) and issubclass(kind, DecodeError)):
         meaning = _DECODE_MEANING.get(code if code is not None else 0, "fatal error")
-        raise kind(f"{what} failed with code {code}: {meaning}", code=code or 0)
+        return kind(f"{what} failed with code {code}: {meaning}", code=code or 0)
     suffix = f" (code {code})" if code is not None else ""
-    raise kind(f"{what} failed{suffix}")
+    return kind(f"{what} failed{suffix}")
+
+
+def raise_error(kind: type, what: str, code: int | None = None) -> NoReturn:
+    """Raise ``kind`` for a failed C call ``what`` that returned ``code``."""
+    raise error(kind, what, code)

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _aio, _lib, chat, state_file
 from ._lib import ModelHandle, default_threads, ffi, lib
-from .batching import Engine
+from .batching import COUNTERS, Engine
 from .context import Context, flatten_prompt
 from .errors import BusyError, ClosedError, ImageError, PromptTooLongError
 from .gguf_check import check_gguf_file, validate_gguf
@@ -140,8 +140,7 @@ class Model(_lib.CResource):
     ) -> None:
         self._model: ModelHandle | None = None
         self._engine: Engine | None = None
-        self._counts = dict.fromkeys(("requests_total", "prompt_tokens_total", "prompt_tokens_cached_total",
-                                      "completion_tokens_total", "cancelled_total"), 0)
+        self._counts = dict.fromkeys(COUNTERS, 0)  # without an engine (the engine counts its own)
         # guards _closing and _contexts; close() runs once at a time
         self._lock = threading.Lock()
         self._close_lock = threading.RLock()
@@ -729,36 +728,22 @@ class Model(_lib.CResource):
         ends the generation within one token. With ``n_parallel`` concurrent calls share
         the decode steps; without it they take turns.
         """
-        ev = _aio.CancelEvent(cancel)
-
-        def make() -> Any:
-            return self.create_chat_completion(messages, stream=stream, cancel=ev, **kwargs)  # type: ignore[arg-type]
-
-        if stream:
-            return await _aio.stream_in_thread(make, ev)
-        return await _aio.call_in_thread(make, ev)
+        return await _in_thread(lambda ev: self.create_chat_completion(messages, stream=stream, cancel=ev, **kwargs),
+                                stream, cancel)
 
     async def acreate_completion(self, prompt: Prompt, *, stream: bool = False,
                                  cancel: threading.Event | None = None, **kwargs: Any) -> Any:
         """:meth:`create_completion` for asyncio, as :meth:`acreate_chat_completion` is for chat."""
-        ev = _aio.CancelEvent(cancel)
-
-        def make() -> Any:
-            return self.create_completion(prompt, stream=stream, cancel=ev, **kwargs)  # type: ignore[arg-type]
-
-        if stream:
-            return await _aio.stream_in_thread(make, ev)
-        return await _aio.call_in_thread(make, ev)
+        return await _in_thread(lambda ev: self.create_completion(prompt, stream=stream, cancel=ev, **kwargs),
+                                stream, cancel)
 
     async def agenerate(self, prompt: Prompt, *, cancel: threading.Event | None = None, **kwargs: Any) -> Completion:
         """:meth:`generate` for asyncio (a cancelled task ends the generation within one token)."""
-        ev = _aio.CancelEvent(cancel)
-        return await _aio.call_in_thread(lambda: self.generate(prompt, cancel=ev, **kwargs), ev)  # type: ignore[arg-type]
+        return await _in_thread(lambda ev: self.generate(prompt, cancel=ev, **kwargs), False, cancel)
 
     async def astream(self, prompt: Prompt, *, cancel: threading.Event | None = None, **kwargs: Any) -> Any:
         """:meth:`stream` for asyncio: ``await`` it for an async iterator of text pieces."""
-        ev = _aio.CancelEvent(cancel)
-        return await _aio.stream_in_thread(lambda: self.stream(prompt, cancel=ev, **kwargs), ev)  # type: ignore[arg-type]
+        return await _in_thread(lambda ev: self.stream(prompt, cancel=ev, **kwargs), True, cancel)
 
     # --- conversations on disk -----------------------------------------------
 
@@ -799,6 +784,15 @@ class Model(_lib.CResource):
         if self._engine is not None:
             return self._engine.load_state(st.payload, st.keys, st.nexts)
         return self.ctx.load_state(st.payload, st.keys, st.nexts)
+
+
+async def _in_thread(call: Callable[[Any], Any], stream: bool, cancel: threading.Event | None) -> Any:
+    """``call(event)`` in a worker thread (see :mod:`pyllama_ernie._aio`); the event is set when
+    the awaiting task is cancelled or the async iterator closed, and follows ``cancel``."""
+    ev = _aio.CancelEvent(cancel)
+    if stream:
+        return await _aio.stream_in_thread(lambda: call(ev), ev)
+    return await _aio.call_in_thread(lambda: call(ev), ev)
 
 
 #: variables every chat template gets from the renderer itself
