@@ -24,7 +24,7 @@ its own prompt (no prompt-cache or image-cache hits on either side):
   tokens) as a data: URI and a short text per request (about 140 prompt tokens);
 
 with ``max_tokens`` 64, ``temperature`` 0, ``stream_options.include_usage``, and llama.cpp's
-``ignore_eos`` where the server takes it (probed per endpoint; ours refuses it on chat). The
+``ignore_eos`` where the server takes it (probed per endpoint). The
 models (``--vocab text``, the default) are copies of the bench files whose output rows of
 non-text tokens are zero (``text_variant``): with random weights greedy decoding otherwise picks
 empty ``[PADn]`` tokens 9 times in 10, which stream no text, and EOS; in the copy every token is

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import inspect
 import ipaddress
 import json
 import logging
@@ -231,10 +230,6 @@ class _Api:
         self.metrics = Metrics(model.stats)
         self.created = int(time.time())
         self._client: Any = None  # httpx.AsyncClient, made on the first remote image
-        # llama-server's ignore_eos reaches chat only where the model's chat call takes it (else
-        # it would land among the template's keyword arguments and do nothing)
-        chat_call = getattr(model, "create_chat_completion", None)
-        self._chat_ignore_eos = chat_call is not None and "ignore_eos" in inspect.signature(chat_call).parameters
 
     # --- plumbing
 
@@ -325,9 +320,6 @@ class _Api:
 
     async def chat(self, request: Request) -> Response:
         req = parse_chat(await self._json(request), n_ctx=self.model.n_ctx)
-        if req.kwargs.get("ignore_eos") and not self._chat_ignore_eos:
-            raise RequestError("'ignore_eos' is not supported for chat by this version; use /v1/completions",
-                               param="ignore_eos", code="unsupported_parameter")
 
         async def call(stream: bool) -> Any:
             client = self._http_client() if self.s.media.allow_remote else None
